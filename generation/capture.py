@@ -1,0 +1,139 @@
+"""Greedy generation of one batch and the hidden states behind every generated token.
+
+Row alignment, the part most worth getting right: `generate(..., output_hidden_states=True)` returns,
+for generation step t, the hidden states of the forward pass that produced token g_t. Step 0 is the
+prompt pass, whose last position is the last prompt token; step t > 0 is the pass over g_{t-1}. So row t
+of a completion is the last position of step t, and a completion of n tokens (its end token included)
+has rows 0 … n-1 with `remaining_tokens` n - 1 - t.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import torch
+
+from .errors import Float16OverflowError, NonFiniteHiddenStateError
+
+logger = logging.getLogger(__name__)
+
+FLOAT16_MAX = float(torch.finfo(torch.float16).max)
+STORAGE_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+@dataclasses.dataclass
+class BatchCapture:
+    """The completions of one batch and the hidden states of their kept rows.
+
+    `states` has shape [rows, layers, hidden]: the kept samples' rows, sample after sample, in batch order.
+    """
+
+    completions: list[list[int]]  # token ids, the end token included when there is one
+    truncated: list[bool]  # the completion reached max_new_tokens without an end token
+    kept_rows: list[int]  # rows of each sample in `states`; 0 for a truncated sample left out
+    states: np.ndarray
+    clipped_values: list[int]  # values saturated at the float16 limit, per sample
+
+
+@torch.inference_mode()
+def capture_batch(
+    model,
+    tokenizer,
+    prompts: list[str],
+    sample_ids: list[str],
+    *,
+    layer_indices: list[int],
+    end_ids: list[int],
+    max_new_tokens: int,
+    storage_dtype: str,
+    float16_overflow: str,
+    keep_truncated: bool,
+    logits_processor=None,
+) -> BatchCapture:
+    """Generate greedily for a batch of rendered prompts and capture the hidden states of every step."""
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    inputs = inputs.to(model.device)
+    prompt_length = inputs["input_ids"].shape[1]
+    output = model.generate(
+        **inputs,
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=end_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        output_hidden_states=True,
+        return_dict_in_generate=True,
+        logits_processor=logits_processor,
+    )
+    generated = output.sequences[:, prompt_length:].cpu()
+    steps = generated.shape[1]
+
+    completions, truncated = _split_completions(generated, end_ids, max_new_tokens)
+    lengths = torch.tensor([len(tokens) for tokens in completions])
+    keep = torch.tensor([keep_truncated or not cut for cut in truncated])
+    rows_per_sample = torch.where(keep, lengths, torch.zeros_like(lengths))
+
+    # [batch, steps, layers, hidden], still on the model's device
+    states = torch.stack(
+        [torch.stack([output.hidden_states[t][layer][:, -1, :] for layer in layer_indices], dim=1) for t in range(steps)],
+        dim=1,
+    )
+    valid = torch.arange(steps)[None, :] < rows_per_sample[:, None]
+    valid = valid.to(states.device)
+
+    _check_finite(states, valid, sample_ids, layer_indices)
+    clipped = [0] * len(prompts)
+    if storage_dtype == "float16":
+        states, clipped = _fit_float16(states, valid, sample_ids, layer_indices, float16_overflow)
+
+    kept = states[valid].to(STORAGE_TORCH_DTYPES[storage_dtype]).cpu().numpy()
+    return BatchCapture(completions, truncated, rows_per_sample.tolist(), kept, clipped)
+
+
+def _split_completions(generated: torch.Tensor, end_ids: list[int], max_new_tokens: int):
+    """Cut each row of generated ids after its first end token; rows without one are truncated."""
+    is_end = torch.isin(generated, torch.tensor(end_ids))
+    completions, truncated = [], []
+    for row, ends in zip(generated.tolist(), is_end.tolist()):
+        if True in ends:
+            completions.append(row[: ends.index(True) + 1])
+            truncated.append(False)
+        else:
+            # generate() stops early only when every sequence has ended, so this row is max_new_tokens long
+            completions.append(row[:max_new_tokens])
+            truncated.append(True)
+    return completions, truncated
+
+
+def _check_finite(states: torch.Tensor, valid: torch.Tensor, sample_ids: list[str], layer_indices: list[int]):
+    nonfinite = (~torch.isfinite(states)).any(dim=-1) & valid[:, :, None]  # [batch, steps, layers]
+    if bool(nonfinite.any()):
+        batch_index, step, layer_position = (int(i) for i in nonfinite.nonzero()[0])
+        raise NonFiniteHiddenStateError(
+            f"the model produced a NaN or infinite hidden state for sample {sample_ids[batch_index]!r} "
+            f"at step {step}, layer {layer_indices[layer_position]} (index into hidden_states); "
+            "nothing was stored for this batch. Try --dtype float32, or check the model's weights"
+        )
+
+
+def _fit_float16(states, valid, sample_ids, layer_indices, policy):
+    """Raise on values beyond the float16 range, or saturate them when the policy is "clip"."""
+    magnitude = states.abs().masked_fill(~valid[:, :, None, None], 0)
+    too_large = magnitude > FLOAT16_MAX  # [batch, steps, layers, hidden]
+    if not bool(too_large.any()):
+        return states, [0] * states.shape[0]
+    if policy != "clip":
+        batch_index, step, layer_position, _ = (int(i) for i in too_large.nonzero()[0])
+        peak = float(magnitude[batch_index, :, layer_position].max())
+        raise Float16OverflowError(
+            f"hidden state value {peak:.4g} of sample {sample_ids[batch_index]!r} at step {step}, layer "
+            f"{layer_indices[layer_position]} (index into hidden_states) exceeds the float16 maximum "
+            f"{FLOAT16_MAX:.0f}; store with --storage-dtype float32, or pass --float16-overflow clip to saturate"
+        )
+    clipped = too_large.flatten(1).sum(dim=1).tolist()
+    for sample_id, count in zip(sample_ids, clipped):
+        if count:
+            logger.warning("Clipped %d hidden-state values of sample %r to the float16 range", count, sample_id)
+    return states.clamp(-FLOAT16_MAX, FLOAT16_MAX), [int(count) for count in clipped]
