@@ -372,17 +372,22 @@ class LengthProbe(datasets.ArrowBasedBuilder):
             [sample["sample_id"] for sample in manifest["samples"]], self.config.seed, self.config.validation_fraction
         )
         order = {sample["sample_id"]: index for index, sample in enumerate(manifest["samples"])}
+        stored = {sample["sample_id"] for sample in manifest["samples"] if sample["rows"]}
         shards = manifest["configs"][self.config.name]["shards"]
-        return [
-            datasets.SplitGenerator(
-                name=split_name,
-                gen_kwargs={
-                    "shards": shards,
-                    "sample_ids": sorted((i for i, s in split_of.items() if s == split_name), key=order.__getitem__),
-                },
+        generators = []
+        for split_name in (datasets.Split.TRAIN, datasets.Split.VALIDATION):
+            sample_ids = sorted((i for i, s in split_of.items() if s == split_name and i in stored), key=order.__getitem__)
+            if not sample_ids:
+                # datasets cannot read back a split with no rows, so an empty one is left out.
+                logger.warning("The %s split has no rows (all its samples were truncated); it is left out", split_name)
+                continue
+            generators.append(datasets.SplitGenerator(name=split_name, gen_kwargs={"shards": shards, "sample_ids": sample_ids}))
+        if not generators:
+            raise DatasetIntegrityError(
+                f"{self.shard_dir} has no rows: every completion reached the token limit without an end token; "
+                "extract again with a larger --max-new-tokens, or with --keep-truncated to keep their rows"
             )
-            for split_name in (datasets.Split.TRAIN, datasets.Split.VALIDATION)
-        ]
+        return generators
 
     def _generate_tables(self, shards: list[dict], sample_ids: list[str]):
         # Rows come out in the manifest's sample order, whatever shard and batch a sample landed in, so the
@@ -393,8 +398,6 @@ class LengthProbe(datasets.ArrowBasedBuilder):
                 location[sample_id] = (shard["file"], start, rows)
         tables = {}
         for index, sample_id in enumerate(sample_ids):
-            if sample_id not in location:
-                continue  # a truncated sample whose rows were left out
             file_name, start, rows = location[sample_id]
             if file_name not in tables:
                 tables[file_name] = ipc.open_file(pa.memory_map(str(self.shard_dir / file_name))).read_all()

@@ -243,7 +243,7 @@ def _write_part(output_dir, name, rank, batch: list[Sample], prompts, capture: B
     states = capture.states  # [rows, captured layers, hidden]
     files = {}
     for config_name in config.configs:
-        values = states[:, -1, :] if config_name == LAST_LAYER else states.reshape(states.shape[0], -1)
+        values = states[:, -1, :] if config_name == LAST_LAYER else states.reshape(states.shape[0], states.shape[1] * states.shape[2])
         relative = f"{config_name}/{name}.arrow"
         written = write_shard(output_dir / relative, shard_table(columns, values, config.storage_dtype))
         files[config_name] = {"file": relative, "rows": row, **written, "samples": locations}

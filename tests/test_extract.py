@@ -1,0 +1,202 @@
+"""Extraction against ground truth: every row's token, count and hidden state, one sample at a time."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pytest
+import torch
+from conftest import SMALL_PROMPTS, extract
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import length_probe
+from generation.prompts import DEFAULT_DATE_STRING, build_samples, render_prompts
+
+ATOL = 1e-4
+RTOL = 1e-4
+
+
+def reference_completion(model, tokenizer, prompt: str, end_ids: list[int], max_new_tokens: int):
+    """Decode greedily with a full forward pass per step: no cache, no padding, no generate().
+
+    Returns the completion's token ids and, per step, the hidden states of the last position
+    as a [steps, layers + 1, hidden] array that includes the embedding output at index 0.
+    """
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    tokens, states = [], []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            output = model(ids, output_hidden_states=True)
+            states.append(torch.stack([layer[0, -1] for layer in output.hidden_states]).numpy())
+            token = int(output.logits[0, -1].argmax())
+            tokens.append(token)
+            if token in end_ids:
+                break
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return tokens, np.stack(states)
+
+
+def read_rows(data_dir, config_name) -> dict[str, dict]:
+    """Read every shard of a config into {sample_id: {column: array}} in step order."""
+    manifest = length_probe.load_manifest(data_dir)
+    tables = []
+    for shard in manifest["configs"][config_name]["shards"]:
+        with pa.memory_map(str(data_dir / shard["file"])) as source:
+            tables.append(ipc.open_file(source).read_all())
+    table = pa.concat_tables(tables)
+    rows = {}
+    for sample_id in set(table.column("sample_id").to_pylist()):
+        part = table.filter(pa.compute.equal(table.column("sample_id"), sample_id))
+        columns = {name: part.column(name).to_numpy(zero_copy_only=False) for name in part.column_names if name != "hidden_states"}
+        columns["hidden_states"] = np.stack(part.column("hidden_states").to_numpy(zero_copy_only=False))
+        order = np.argsort(columns["step"])
+        rows[sample_id] = {name: values[order] for name, values in columns.items()}
+    return rows
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_rows_match_one_sample_reference(architecture, request):
+    model_dir = request.getfixturevalue(f"{architecture}_dir")
+    data_dir = request.getfixturevalue(f"{architecture}_dataset_dir")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    end_ids = model.generation_config.eos_token_id
+    samples = build_samples(SMALL_PROMPTS["words"], SMALL_PROMPTS["min_count"], SMALL_PROMPTS["max_count"])
+    prompts = render_prompts(tokenizer, samples, DEFAULT_DATE_STRING)
+    manifest = length_probe.load_manifest(data_dir)
+    recorded = {sample["sample_id"]: sample for sample in manifest["samples"]}
+    last_rows = read_rows(data_dir, length_probe.LAST_LAYER)
+    all_rows = read_rows(data_dir, length_probe.ALL_LAYERS)
+    layer_count = model.config.num_hidden_layers
+    ended = 0
+
+    for sample, prompt in zip(samples, prompts):
+        tokens, states = reference_completion(model, tokenizer, prompt, end_ids, SMALL_PROMPTS["max_new_tokens"])
+        assert recorded[sample.sample_id]["completion_token_ids"] == tokens
+        truncated = tokens[-1] not in end_ids
+        assert recorded[sample.sample_id]["is_truncated"] == truncated
+        if truncated:
+            assert sample.sample_id not in all_rows
+            continue
+        ended += 1
+        n = len(tokens)
+        row = all_rows[sample.sample_id]
+        assert row["step"].tolist() == list(range(n))
+        assert row["token_id"].tolist() == tokens
+        assert row["remaining_tokens"].tolist() == [n - 1 - i for i in range(n)]
+        assert row["completion_length"].tolist() == [n] * n
+        expected_all = states[:, 1:, :].reshape(n, -1)  # decoder layers 1..L, embedding output left out
+        np.testing.assert_allclose(row["hidden_states"], expected_all, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(last_rows[sample.sample_id]["hidden_states"], states[:, layer_count, :], rtol=RTOL, atol=ATOL)
+        assert last_rows[sample.sample_id]["token_id"].tolist() == tokens
+
+    assert ended >= 3, "the tiny model should end some completions, or this test checks nothing"
+
+
+def test_end_token_row_has_zero_remaining(llama_dataset_dir):
+    rows = read_rows(llama_dataset_dir, length_probe.LAST_LAYER)
+    end_ids = json.loads((llama_dataset_dir / length_probe.LAST_LAYER / "metadata.json").read_text())["generation"]["end_token_ids"]
+    for row in rows.values():
+        assert row["remaining_tokens"][-1] == 0
+        assert row["token_id"][-1] in end_ids
+        assert row["token_text"][-1] == "<|eot_id|>"
+
+
+def test_last_layer_equals_last_block(llama_dataset_dir):
+    last = read_rows(llama_dataset_dir, length_probe.LAST_LAYER)
+    every = read_rows(llama_dataset_dir, length_probe.ALL_LAYERS)
+    assert last.keys() == every.keys()
+    for sample_id, row in last.items():
+        hidden = row["hidden_states"].shape[1]
+        np.testing.assert_array_equal(every[sample_id]["hidden_states"][:, -hidden:], row["hidden_states"])
+
+
+def test_all_layers_exclude_embedding(llama_dir, llama_dataset_dir):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    rows = read_rows(llama_dataset_dir, length_probe.ALL_LAYERS)
+    hidden = model.config.hidden_size
+    assert next(iter(rows.values()))["hidden_states"].shape[1] == hidden * model.config.num_hidden_layers
+    embedding = model.get_input_embeddings().weight.detach().numpy()
+    for row in rows.values():
+        # Row i > 0 sits at the position of token g_{i-1}; its embedding must not be the first block.
+        for step in range(1, len(row["step"])):
+            first_block = row["hidden_states"][step, :hidden]
+            assert not np.allclose(first_block, embedding[row["token_id"][step - 1]], atol=1e-3)
+
+
+def test_batch_size_does_not_change_rows(llama_dir, llama_dataset_dir, tmp_path):
+    extract(llama_dir, tmp_path / "batch1", batch_size=1)
+    extract(llama_dir, tmp_path / "batch5", batch_size=5)
+    reference = read_rows(llama_dataset_dir, length_probe.ALL_LAYERS)
+    for name in ("batch1", "batch5"):
+        rows = read_rows(tmp_path / name, length_probe.ALL_LAYERS)
+        assert rows.keys() == reference.keys()
+        for sample_id, row in rows.items():
+            assert row["token_id"].tolist() == reference[sample_id]["token_id"].tolist()
+            assert row["remaining_tokens"].tolist() == reference[sample_id]["remaining_tokens"].tolist()
+            np.testing.assert_allclose(row["hidden_states"], reference[sample_id]["hidden_states"], rtol=RTOL, atol=ATOL)
+
+
+def test_truncated_samples_recorded_not_stored(llama_dataset_dir, llama_dir, tmp_path, caplog):
+    manifest = length_probe.load_manifest(llama_dataset_dir)
+    truncated = [sample for sample in manifest["samples"] if sample["is_truncated"]]
+    assert truncated, "the tiny model should leave some completions unfinished"
+    assert manifest["truncated_sample_ids"] == [sample["sample_id"] for sample in truncated]
+    for sample in truncated:
+        assert sample["completion_length"] == SMALL_PROMPTS["max_new_tokens"]
+        assert sample["rows"] == 0
+        assert sample["completion_text"]
+    stored_ids = set(read_rows(llama_dataset_dir, length_probe.ALL_LAYERS))
+    assert stored_ids.isdisjoint(sample["sample_id"] for sample in truncated)
+    assert manifest["summary"]["truncated_samples"] == len(truncated)
+
+    with caplog.at_level(logging.INFO, logger="generation"):
+        extract(llama_dir, tmp_path / "again")
+    assert f"truncated samples  {len(truncated)}" in caplog.text
+
+
+def test_keep_truncated_flags_rows(llama_dir, tmp_path):
+    extract(llama_dir, tmp_path / "kept", keep_truncated=True)
+    manifest = length_probe.load_manifest(tmp_path / "kept")
+    rows = read_rows(tmp_path / "kept", length_probe.LAST_LAYER)
+    for sample in manifest["samples"]:
+        row = rows[sample["sample_id"]]
+        assert row["is_truncated"].tolist() == [sample["is_truncated"]] * sample["completion_length"]
+    assert len(rows) == len(manifest["samples"])
+
+
+def test_sample_ids_are_stable(llama_dataset_dir):
+    manifest = length_probe.load_manifest(llama_dataset_dir)
+    ids = [sample["sample_id"] for sample in manifest["samples"]]
+    assert ids[:3] == ["hello-005", "hello-006", "hello-007"]
+    assert ids[-1] == "dog-012"
+    assert len(ids) == len(set(ids)) == 24
+
+
+def test_metadata_records_layers_and_settings(llama_dataset_dir):
+    last = json.loads((llama_dataset_dir / length_probe.LAST_LAYER / "metadata.json").read_text())
+    every = json.loads((llama_dataset_dir / length_probe.ALL_LAYERS / "metadata.json").read_text())
+    assert last["layers"] == [3]
+    assert every["layers"] == [1, 2, 3]
+    assert every["hidden_size"] == last["hidden_size"] == 32
+    assert every["values_per_row"] == 96
+    assert every["final_norm_applied_to_last_block"] is True
+    assert every["chat_template_kwargs"] == {"date_string": DEFAULT_DATE_STRING}
+    assert every["words"] == ["hello", "cat", "dog"]
+    assert every["count_range"] == [5, 12]
+    assert every["generation"]["max_new_tokens"] == 20
+
+
+def test_exact_count_flag(llama_dataset_dir):
+    from generation.prompts import is_exact_count
+
+    assert is_exact_count("cat cat cat", "cat", 3, ended=True)
+    assert not is_exact_count("cat cat cat", "cat", 3, ended=False)
+    assert not is_exact_count("cat cat", "cat", 3, ended=True)
+    assert not is_exact_count("cat, cat, cat", "cat", 3, ended=True)
+    manifest = length_probe.load_manifest(llama_dataset_dir)
+    assert not any(sample["is_exact_count"] for sample in manifest["samples"])  # a random model never counts
