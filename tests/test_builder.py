@@ -144,8 +144,10 @@ def test_new_extraction_invalidates_cache(llama_dir, tmp_path):
 
 
 def test_missing_shards_name_extract_command(tmp_path):
-    with pytest.raises(length_probe.DatasetIntegrityError, match="python -m generation extract"):
+    # datasets imports the script as its own module, so the class is matched by name.
+    with pytest.raises(ValueError, match="python -m generation extract") as raised:
         load(length_probe.ALL_LAYERS, tmp_path / "nowhere", tmp_path / "cache")
+    assert type(raised.value).__name__ == "DatasetIntegrityError"
 
 
 def test_build_dataset_matches_script(llama_dataset_dir, tmp_path):
@@ -162,14 +164,18 @@ def test_unknown_config_rejected(llama_dataset_dir, tmp_path):
 
 
 def test_loads_without_torch(llama_dataset_dir, tmp_path):
-    # A child process whose import system refuses torch and transformers, as on a machine without them.
+    # A child process whose path finder cannot see torch or transformers, as on a machine without them.
     code = textwrap.dedent(f"""
-        import sys
-        class Refuse:
-            def find_spec(self, name, path=None, target=None):
+        import importlib.machinery, sys
+        class HidingPathFinder(importlib.machinery.PathFinder):
+            @classmethod
+            def find_spec(cls, name, path=None, target=None):
                 if name.split(".")[0] in ("torch", "transformers"):
-                    raise ImportError(f"{{name}} is not installed here")
-        sys.meta_path.insert(0, Refuse())
+                    return None
+                return importlib.machinery.PathFinder.find_spec(name, path, target)
+        sys.meta_path = [HidingPathFinder if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+        import datasets.config
+        assert not datasets.config.TORCH_AVAILABLE
         from datasets import load_dataset
         dataset = load_dataset({SCRIPT!r}, "single_prompt_all_layers", data_dir={str(llama_dataset_dir)!r},
                                cache_dir={str(tmp_path)!r}, trust_remote_code=True)
