@@ -82,8 +82,11 @@ def capture_batch(
     )
     valid = torch.arange(steps)[None, :] < rows_per_sample[:, None]
     valid = valid.to(states.device)
+    # Every generated step is checked, not only the kept rows, because a model that produces NaN may never
+    # emit its end token. Leaving out its truncated completions would then hide the fault.
+    generated_steps = (torch.arange(steps)[None, :] < lengths[:, None]).to(states.device)
 
-    _check_finite(states, valid, sample_ids, layer_indices)
+    _check_finite(states, generated_steps, sample_ids, layer_indices)
     clipped = [0] * len(prompts)
     if storage_dtype == "float16":
         states, clipped = _fit_float16(states, valid, sample_ids, layer_indices, float16_overflow)

@@ -74,8 +74,6 @@ def add_extract_parser(subparsers) -> None:
 
 
 def run_extract(args) -> int:
-    from .extract import run_extraction
-
     config = ExtractionConfig(
         model=args.model,
         device=args.device,
@@ -94,6 +92,10 @@ def run_extract(args) -> int:
         keep_truncated=args.keep_truncated,
         overwrite=args.overwrite,
     )
+    # Imported only after the settings pass their checks, so an invalid option is reported at once
+    # rather than after the seconds that importing torch and transformers takes.
+    from .extract import run_extraction
+
     run_extraction(config)
     return 0
 

@@ -24,6 +24,7 @@ from .errors import ExtractionError, ResumeMismatchError
 from .models import describe_model, end_token_ids, load_model, load_tokenizer, resolve_device, resolve_dtype
 from .prompts import Sample, build_samples, chat_template_sha256, is_exact_count, render_prompts
 from .shards import (
+    TEMPORARY_SUFFIX,
     build_manifest,
     config_metadata,
     part_name,
@@ -56,13 +57,19 @@ class ProcessGroup:
         return self.rank == 0
 
 
-def join_process_group() -> ProcessGroup:
-    """Join the process group that the launcher describes in the environment, if there is one."""
+def join_process_group(device: str) -> ProcessGroup:
+    """Join the process group that the launcher describes in the environment, if there is one.
+
+    `device` is the --device option. accelerate's PartialState sets up gloo for processes on the CPU
+    only when passed cpu=True; without it, on a machine with no GPU, each process runs alone as rank 0.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return ProcessGroup()
     from accelerate import PartialState
 
-    state = PartialState()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    on_cpu = resolve_device(device, local_rank=local_rank).type == "cpu"
+    state = PartialState(cpu=on_cpu)
     return ProcessGroup(state.process_index, state.num_processes, state.local_process_index)
 
 
@@ -74,7 +81,7 @@ def run_extraction(config: ExtractionConfig, *, model=None, tokenizer=None, logi
     a batch; the GPU benchmark uses it to force realistic completion lengths on an untrained model.
     """
     started = time.perf_counter()
-    group = join_process_group()
+    group = join_process_group(config.device)
     output_dir = config.output_dir
 
     # ---- model, tokenizer and the settings a resume must match
@@ -111,27 +118,28 @@ def run_extraction(config: ExtractionConfig, *, model=None, tokenizer=None, logi
     # ---- generate, capture and write, one batch at a time
     progress = tqdm(total=len(pending), desc=f"Extracting (rank {group.rank})", unit="sample", disable=not group.is_main)
     written_bytes = 0
-    for start in range(0, len(pending), config.batch_size):
-        batch = pending[start : start + config.batch_size]
-        prompts = render_prompts(tokenizer, batch, config.date_string)
-        capture = capture_batch(
-            model,
-            tokenizer,
-            prompts,
-            [sample.sample_id for sample in batch],
-            layer_indices=run["captured_layers"],
-            end_ids=run["end_token_ids"],
-            max_new_tokens=config.max_new_tokens,
-            storage_dtype=config.storage_dtype,
-            float16_overflow=config.float16_overflow,
-            keep_truncated=config.keep_truncated,
-            logits_processor=logits_processor_factory(batch) if logits_processor_factory else None,
-        )
-        record = _write_part(output_dir, part_name(group.rank, sequence), group.rank, batch, prompts, capture, tokenizer, config)
-        written_bytes += sum(entry["bytes"] for entry in record["files"].values())
-        sequence += 1
-        progress.update(len(batch))
-    progress.close()
+    # Closing the bar before an error propagates ends its line, so the error message starts a line of its own.
+    with progress:
+        for start in range(0, len(pending), config.batch_size):
+            batch = pending[start : start + config.batch_size]
+            prompts = render_prompts(tokenizer, batch, config.date_string)
+            capture = capture_batch(
+                model,
+                tokenizer,
+                prompts,
+                [sample.sample_id for sample in batch],
+                layer_indices=run["captured_layers"],
+                end_ids=run["end_token_ids"],
+                max_new_tokens=config.max_new_tokens,
+                storage_dtype=config.storage_dtype,
+                float16_overflow=config.float16_overflow,
+                keep_truncated=config.keep_truncated,
+                logits_processor=logits_processor_factory(batch) if logits_processor_factory else None,
+            )
+            record = _write_part(output_dir, part_name(group.rank, sequence), group.rank, batch, prompts, capture, tokenizer, config)
+            written_bytes += sum(entry["bytes"] for entry in record["files"].values())
+            sequence += 1
+            progress.update(len(batch))
 
     # ---- manifest and summary, once every process is done
     group.barrier()
@@ -166,14 +174,16 @@ def _prepare_output_dir(config: ExtractionConfig, run: dict) -> None:
         raise ExtractionError(f"output path {str(output_dir)!r} is a file; pass a directory to --output-dir")
     if config.overwrite and (output_dir / RUN_FILE).is_file():
         logger.warning("--overwrite: deleting the extraction in %s", output_dir)
-        for path in [output_dir / MANIFEST_FILE, output_dir / RUN_FILE, output_dir / PARTS_DIR]:
+        for path in [output_dir / MANIFEST_FILE, output_dir / PARTS_DIR]:
             if path.is_dir():
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
         for name in (LAST_LAYER, ALL_LAYERS):
             shutil.rmtree(output_dir / name, ignore_errors=True)
-    if output_dir.is_dir() and not (output_dir / RUN_FILE).is_file() and any(output_dir.iterdir()):
+        # Deleted last, so that an interrupted --overwrite leaves a directory that --overwrite still accepts.
+        (output_dir / RUN_FILE).unlink()
+    if output_dir.is_dir() and not (output_dir / RUN_FILE).is_file() and _contains_foreign_files(output_dir):
         raise ExtractionError(
             f"output directory {str(output_dir)!r} is not empty and holds no length-probe extraction; "
             "pass an empty or new directory to --output-dir"
@@ -188,6 +198,14 @@ def _prepare_output_dir(config: ExtractionConfig, run: dict) -> None:
             f"output directory {str(output_dir)!r} cannot be written ({error.strerror or error}); "
             "pass a directory you can write to --output-dir"
         ) from error
+
+
+def _contains_foreign_files(output_dir: Path) -> bool:
+    """Tell whether a directory without run.json contains more than a run killed before writing run.json leaves."""
+    # Such a run leaves empty subdirectories and possibly run.json's temporary file, and re-running the
+    # same command must be able to start over in that directory.
+    leftovers = {PARTS_DIR, LAST_LAYER, ALL_LAYERS, RUN_FILE + TEMPORARY_SUFFIX}
+    return any(path.name not in leftovers or (path.is_dir() and any(path.iterdir())) for path in output_dir.iterdir())
 
 
 def _check_resume_key(output_dir: Path, run: dict) -> None:
