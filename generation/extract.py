@@ -61,7 +61,7 @@ def join_process_group(device: str) -> ProcessGroup:
     """Join the process group that the launcher describes in the environment, if there is one.
 
     `device` is the --device option. accelerate's PartialState sets up gloo for processes on the CPU
-    only when passed cpu=True; without it, on a machine with no GPU, each process runs alone as rank 0.
+    only when passed cpu=True. Without it, on a machine with no GPU, each process runs alone as rank 0.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return ProcessGroup()
