@@ -108,7 +108,7 @@ def row_schema(values_per_row: int, storage_dtype: str) -> pa.Schema:
 
 
 def sample_id_for(word: str, count: int) -> str:
-    """Return the stable id of the sample that asks for `count` repetitions of `word`."""
+    """Return the stable id of the sample that requests `count` repetitions of `word`."""
     return f"{word}-{count:03d}"
 
 
@@ -158,7 +158,7 @@ def file_sha256(path: Path) -> str:
 
 
 def load_manifest(data_dir: Path) -> dict:
-    """Read the manifest of a finished extraction, or raise an error that says how to make one."""
+    """Read the manifest of a finished extraction, or raise an error that names the command that makes one."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DatasetIntegrityError(
