@@ -47,16 +47,11 @@ from generation.prompts import DEFAULT_DATE_STRING, DEFAULT_MAX_COUNT, DEFAULT_M
 
 logger = logging.getLogger("extraction_bench")
 
-# The demo model was trained on these words as well as the dataset's (scripts/train_demo_model.py),
-# with counts 1 to 80, so a scaled prompt set built from them still gets sensible completions.
-EXTRA_WORDS = """
-red green house tree river stone moon star fish bird book door car road rain
-snow fire water light dark music paper pencil table chair window garden flower
-cloud ocean mountain bread milk coffee tea sugar salt lemon orange banana grape
-cherry king queen robot train plane ship horse mouse lion tiger bear wolf fox
-frog duck egg box cup key ring bell drum song game ball data file node loop
-byte city
-""".split()
+# The demo model was trained on these words as well as the dataset's, with counts 1 to 80, so a
+# scaled prompt set built from them still gets sensible completions.
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+from train_demo_model import EXTRA_WORDS  # noqa: E402
+
 WORD_POOL = list(DEFAULT_WORDS) + [word for word in EXTRA_WORDS if word not in DEFAULT_WORDS]
 RANDOM_MODEL = "random"
 MAX_NEW_TOKENS = 200

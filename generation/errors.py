@@ -2,11 +2,11 @@
 
 
 class ExtractionError(Exception):
-    """An extraction that cannot start or go on; the message says what is wrong and what to do."""
+    """An extraction that cannot start or continue; the message states what is wrong and what to do."""
 
 
 class ResumeMismatchError(ExtractionError):
-    """The output directory holds an extraction made with other settings."""
+    """The output directory contains an extraction made with other settings."""
 
 
 class NonFiniteHiddenStateError(ExtractionError):

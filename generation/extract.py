@@ -100,7 +100,7 @@ def run_extraction(config: ExtractionConfig, *, model=None, tokenizer=None, logi
     group.barrier()
     _check_resume_key(output_dir, run)
     if (output_dir / MANIFEST_FILE).is_file():
-        logger.info("%s already holds a complete extraction with these settings; nothing to do", output_dir)
+        logger.info("%s already contains a complete extraction with these settings; nothing to do", output_dir)
         return _read_summary(output_dir)
 
     # ---- prompts: this process's share of the samples that no earlier run finished
@@ -185,7 +185,7 @@ def _prepare_output_dir(config: ExtractionConfig, run: dict) -> None:
         (output_dir / RUN_FILE).unlink()
     if output_dir.is_dir() and not (output_dir / RUN_FILE).is_file() and _contains_foreign_files(output_dir):
         raise ExtractionError(
-            f"output directory {str(output_dir)!r} is not empty and holds no length-probe extraction; "
+            f"output directory {str(output_dir)!r} is not empty and contains no length-probe extraction; "
             "pass an empty or new directory to --output-dir"
         )
     try:
@@ -219,7 +219,7 @@ def _check_resume_key(output_dir: Path, run: dict) -> None:
     ]
     if differences:
         raise ResumeMismatchError(
-            f"{output_dir} holds an extraction made with other settings ({'; '.join(differences)}); "
+            f"{output_dir} contains an extraction made with other settings ({'; '.join(differences)}); "
             "re-run with the same settings to resume it, pass --overwrite to start over, or choose another --output-dir"
         )
 

@@ -219,7 +219,7 @@ def test_foreign_output_dir_rejected(launcher, model_dir, tmp_path):
     assert result.returncode == EXIT_ERROR
     assert_one_error_line(
         result,
-        f"error: output directory {str(output_dir)!r} is not empty and holds no length-probe extraction; "
+        f"error: output directory {str(output_dir)!r} is not empty and contains no length-probe extraction; "
         "pass an empty or new directory to --output-dir",
     )
     assert sorted(path.name for path in output_dir.iterdir()) == ["notes.txt"]

@@ -61,7 +61,8 @@ def test_split_spans_counts():
     ids = [sample.sample_id for sample in build_samples(("hello", "world", "cat", "dog", "python", "test", "apple", "blue", "sun", "code"), 5, 49)]
     counts = [int(i.split("-")[1]) for i, split in length_probe.assign_splits(ids, 0, 0.1).items() if split == "validation"]
     # The research scripts' token-index cut put only the highest counts in validation.
-    assert min(counts) < 20 and max(counts) > 35
+    assert min(counts) < 20
+    assert max(counts) > 35
 
 
 def test_split_rejects_invalid_fraction():
@@ -179,7 +180,8 @@ def test_loads_without_torch(llama_dataset_dir, tmp_path):
         from datasets import load_dataset
         dataset = load_dataset({SCRIPT!r}, "single_prompt_all_layers", data_dir={str(llama_dataset_dir)!r},
                                cache_dir={str(tmp_path)!r}, trust_remote_code=True)
-        assert "torch" not in sys.modules and "transformers" not in sys.modules
+        assert "torch" not in sys.modules
+        assert "transformers" not in sys.modules
         print(dataset["train"].num_rows + dataset["validation"].num_rows)
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=TESTS_DIR, timeout=300)

@@ -166,7 +166,7 @@ def test_finished_extraction_rerun_changes_nothing(launcher, model_dir, referenc
     result = launcher.run(extract_args(model_dir, output_dir))
 
     assert result.returncode == 0, result.stderr
-    assert "already holds a complete extraction with these settings; nothing to do" in result.stderr
+    assert "already contains a complete extraction with these settings; nothing to do" in result.stderr
     after = {path: (content, (output_dir / path).stat().st_mtime_ns) for path, content in files_under(output_dir).items()}
     assert after == before
 
@@ -203,7 +203,7 @@ def test_resume_with_other_settings_rejected(launcher, model_dir, other_model_di
     assert result.returncode == 1
     lines = error_lines(result.stderr)
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"error: {output_dir} holds an extraction made with other settings (")
+    assert lines[0].startswith(f"error: {output_dir} contains an extraction made with other settings (")
     assert expected in lines[0]
     assert lines[0].endswith("pass --overwrite to start over, or choose another --output-dir")
     assert files_under(output_dir) == before
