@@ -1,4 +1,7 @@
-"""Command line: `python -m generation {extract,verify,report,push}`."""
+"""Make, check, report on and publish a dataset of per-token hidden states labelled with the tokens left to write.
+
+Command line: `python -m generation {extract,verify,report,push}`.
+"""
 
 from __future__ import annotations
 
@@ -46,7 +49,8 @@ def add_extract_parser(subparsers) -> None:
                         "all: both from one generation pass (default: all)")
     parser.add_argument("--output-dir", type=Path, required=True, help="directory for shards, metadata and manifest")
     parser.add_argument("--batch-size", type=int, default=64, help="prompts generated together (default: 64)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or mps; auto picks a GPU if present")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda, cuda:N or mps (default: auto, which picks a GPU if present)")
     parser.add_argument("--device-map", choices=["auto"], default=None,
                         help="'auto' spreads a model that does not fit one GPU over all visible GPUs (needs accelerate)")
     parser.add_argument("--dtype", choices=COMPUTE_DTYPES, default="auto",
@@ -57,8 +61,10 @@ def add_extract_parser(subparsers) -> None:
                         help="a value beyond ±65504 with float16 storage: 'error' stops with the sample and layer, "
                         "'clip' saturates it and counts it in the manifest (default: error)")
     parser.add_argument("--max-new-tokens", type=int, default=200,
-                        help="token limit per completion; completions that reach it are truncated (default: 200)")
-    parser.add_argument("--words", nargs="+", default=list(DEFAULT_WORDS), help="words of the prompt set")
+                        help="token limit per completion; completions that reach it are truncated and their rows "
+                        "left out unless --keep-truncated (default: 200)")
+    parser.add_argument("--words", nargs="+", default=list(DEFAULT_WORDS),
+                        help=f"words of the prompt set (default: {' '.join(DEFAULT_WORDS)})")
     parser.add_argument("--min-count", type=int, default=DEFAULT_MIN_COUNT,
                         help=f"smallest requested count (default: {DEFAULT_MIN_COUNT})")
     parser.add_argument("--max-count", type=int, default=DEFAULT_MAX_COUNT,

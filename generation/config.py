@@ -65,6 +65,10 @@ class ExtractionConfig:
                 f"invalid count range {self.min_count}..{self.max_count}: "
                 "expected 1 <= --min-count <= --max-count, e.g. --min-count 5 --max-count 49"
             )
+        if not self.date_string.strip():
+            raise ExtractionError(
+                "the date string is empty; pass the date the chat template should show, e.g. --date-string '26 Jul 2024'"
+            )
         if self.max_new_tokens < 1:
             raise ExtractionError(f"invalid --max-new-tokens {self.max_new_tokens}: expected at least 1")
         if self.batch_size < 1:

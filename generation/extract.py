@@ -100,6 +100,7 @@ def run_extraction(config: ExtractionConfig, *, model=None, tokenizer=None, logi
     group.barrier()
     _check_resume_key(output_dir, run)
     if (output_dir / MANIFEST_FILE).is_file():
+        _check_finished_extraction(output_dir)
         logger.info("%s already contains a complete extraction with these settings; nothing to do", output_dir)
         return _read_summary(output_dir)
 
@@ -306,6 +307,19 @@ def _finalize(output_dir: Path, run: dict, samples: list[Sample], seconds: float
         write_json_atomically(output_dir / name / METADATA_FILE, config_metadata(run, name, entry["rows"]))
     write_json_atomically(output_dir / MANIFEST_FILE, manifest)
     return summary
+
+
+def _check_finished_extraction(output_dir: Path) -> None:
+    """Raise when a finished extraction's files no longer match its manifest, so a re-run never reports success on them."""
+    from length_probe import find_problems
+
+    problems = find_problems(output_dir)
+    if problems:
+        raise ExtractionError(
+            f"{output_dir} contains a finished extraction whose files no longer match its manifest "
+            f"({len(problems)} problem(s), first: {problems[0]}); run `python -m generation verify {output_dir}` "
+            "for the list, then re-run with --overwrite to rebuild it"
+        )
 
 
 def _read_summary(output_dir: Path) -> dict:

@@ -156,6 +156,8 @@ def write_report(
     """
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"invalid alpha {alpha!r}: expected a finite number above 0, e.g. 1.0")
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise ReportError(f"output path {str(output_dir)!r} is a file; pass a directory to --output-dir")
     require_report_extras()
     started = time.perf_counter()
     data_dir, output_dir = Path(data_dir), Path(output_dir)
@@ -483,6 +485,7 @@ def render_markdown(result: dict) -> str:
         f"{_scores_text(result['baseline'][RAW_TARGET])}; log target {_scores_text(result['baseline'][LOG_TARGET])}.",
         "",
         _best_and_last_line(result),
+        _baseline_comparison_line(result),
         "",
         "| layer | mean norm | R² | MAE (tokens) | Spearman | R² (log) | MAE (log) | Spearman (log) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -495,6 +498,18 @@ def render_markdown(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"![probe scores per layer]({figures['probe_scores']})", ""]
     return "\n".join(lines)
+
+
+def _baseline_comparison_line(result: dict) -> str:
+    """Say whether the best layer's probe beats the step + count baseline, so a high R² is not over-read."""
+    best = result["probes"][result["best_layer"]][RAW_TARGET]["r2"]
+    baseline = result["baseline"][RAW_TARGET]["r2"]
+    if best > baseline:
+        return f"The best layer's R² {best:.3f} is above the step + count baseline's {baseline:.3f}."
+    return (
+        f"The best layer's R² {best:.3f} does not beat the step + count baseline's {baseline:.3f}: on this data "
+        "the remaining count is readable without hidden states, so the probe scores alone show little."
+    )
 
 
 def _best_and_last_line(result: dict) -> str:

@@ -200,3 +200,25 @@ def test_exact_count_flag(llama_dataset_dir):
     assert not is_exact_count("cat, cat, cat", "cat", 3, ended=True)
     manifest = length_probe.load_manifest(llama_dataset_dir)
     assert not any(sample["is_exact_count"] for sample in manifest["samples"])  # a random model never counts
+
+
+def test_rerun_rejects_damaged_finished_run(llama_dir, llama_dataset_dir, tmp_path):
+    import shutil
+
+    from generation.errors import ExtractionError
+
+    damaged = tmp_path / "data"
+    shutil.copytree(llama_dataset_dir, damaged)
+    shard = length_probe.load_manifest(damaged)["configs"][length_probe.ALL_LAYERS]["shards"][0]["file"]
+    (damaged / shard).unlink()
+    with pytest.raises(ExtractionError, match="no longer match its manifest") as raised:
+        extract(llama_dir, damaged)
+    assert "python -m generation verify" in str(raised.value)
+    assert "--overwrite" in str(raised.value)
+
+
+def test_empty_date_string_rejected(llama_dir, tmp_path):
+    from generation.errors import ExtractionError
+
+    with pytest.raises(ExtractionError, match="the date string is empty"):
+        extract(llama_dir, tmp_path / "data", date_string=" ")

@@ -273,6 +273,16 @@ def test_markdown_names_best_layer(report):
     assert f"Last layer ({LAYER_COUNT}): R² " in text
 
 
+def test_markdown_compares_with_baseline(report):
+    text = Path(report["report"]).read_text(encoding="utf-8")
+    best = report["probes"][report["best_layer"]]["remaining_tokens"]["r2"]
+    baseline = report["baseline"]["remaining_tokens"]["r2"]
+    if best > baseline:
+        assert f"The best layer's R² {best:.3f} is above the step + count baseline's {baseline:.3f}." in text
+    else:
+        assert "does not beat the step + count baseline" in text
+
+
 def test_markdown_links_figures(report):
     text = Path(report["report"]).read_text(encoding="utf-8")
     for file_name in FIGURES.values():
@@ -345,6 +355,18 @@ def test_cli_missing_data_dir(tmp_path):
     assert "not found" in completed.stderr
     assert "python -m generation extract" in completed.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_output_path_is_file(planted, tmp_path):
+    output_file = tmp_path / "afile"
+    output_file.write_text("not a directory")
+    completed = run_cli("report", "--data-dir", str(planted.directory), "--output-dir", str(output_file))
+
+    assert completed.returncode == 1
+    assert completed.stderr.strip().splitlines()[-1] == (
+        f"error: output path {str(output_file)!r} is a file; pass a directory to --output-dir"
+    )
+    assert "Traceback" not in completed.stderr
 
 
 def test_cli_invalid_fraction(tmp_path):
