@@ -2,7 +2,7 @@
 
 Memory is bounded by one batch: each batch's states go to disk as soon as they are captured. Under
 `torchrun` every process takes every world_size-th sample of the canonical order and writes its own
-parts; rank 0 writes the manifest once all are done, so the dataset is the same for any process count.
+parts. Rank 0 writes the manifest once all are done, so the dataset is the same for any process count.
 """
 
 from __future__ import annotations
