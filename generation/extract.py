@@ -193,7 +193,7 @@ def _prepare_output_dir(config: ExtractionConfig, run: dict) -> None:
         for name in [PARTS_DIR, *config.configs]:
             (output_dir / name).mkdir(parents=True, exist_ok=True)
         if not (output_dir / RUN_FILE).is_file():
-            write_json_atomically(output_dir / RUN_FILE, run)
+            write_json_atomically(output_dir / RUN_FILE, run, indent=1)
     except OSError as error:
         raise ExtractionError(
             f"output directory {str(output_dir)!r} cannot be written ({error.strerror or error}); "
@@ -304,7 +304,8 @@ def _finalize(output_dir: Path, run: dict, samples: list[Sample], seconds: float
     }
     manifest = build_manifest(run, ordered, records, summary)
     for name, entry in manifest["configs"].items():
-        write_json_atomically(output_dir / name / METADATA_FILE, config_metadata(run, name, entry["rows"]))
+        metadata = config_metadata(run, name, entry["rows"])
+        write_json_atomically(output_dir / name / METADATA_FILE, metadata, indent=1)
     write_json_atomically(output_dir / MANIFEST_FILE, manifest)
     return summary
 

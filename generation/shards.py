@@ -59,8 +59,10 @@ def write_atomically(path: Path, data: bytes | pa.Buffer) -> None:
         ) from error
 
 
-def write_json_atomically(path: Path, content: dict) -> None:
-    write_atomically(path, (json.dumps(content, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+def write_json_atomically(path: Path, content: dict, *, indent: int | None = None) -> None:
+    # Compact by default: with an indent, json.dumps falls back from its C encoder to pure Python, which
+    # took longer than writing the shards for the manifest and part records of a demo extraction.
+    write_atomically(path, (json.dumps(content, indent=indent, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def part_name(rank: int, sequence: int) -> str:
