@@ -121,8 +121,8 @@ def run_extraction(config: ExtractionConfig, *, model=None, tokenizer=None, logi
     written_bytes = 0
     # Closing the bar before an error propagates ends its line, so the error message starts a line of its own.
     with progress:
-        for start in range(0, len(pending), config.batch_size):
-            batch = pending[start : start + config.batch_size]
+        for batch_slice in batch_slices(len(pending), config.batch_size):
+            batch = pending[batch_slice]
             prompts = render_prompts(tokenizer, batch, config.date_string)
             capture = capture_batch(
                 model,
@@ -149,6 +149,17 @@ def run_extraction(config: ExtractionConfig, *, model=None, tokenizer=None, logi
     summary = _finalize(output_dir, run, samples, time.perf_counter() - started, written_bytes)
     _log_summary(output_dir, summary)
     return summary
+
+
+def batch_slices(count: int, batch_size: int) -> list[slice]:
+    """Cut `count` samples into the fewest batches of at most `batch_size`, their sizes differing by at most one.
+
+    Even sizes matter because a batch costs one forward pass per token of its longest completion, whatever
+    its size: 450 samples in batches of 64 would leave a last batch of 2 that costs as many passes as a full one.
+    """
+    batches = -(-count // batch_size)
+    bounds = [round(index * count / batches) for index in range(batches + 1)] if batches else [0]
+    return [slice(start, end) for start, end in zip(bounds, bounds[1:])]
 
 
 def _describe_run(config: ExtractionConfig, model, tokenizer, dtype: str) -> dict:

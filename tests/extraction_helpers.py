@@ -18,8 +18,9 @@ from length_probe import CONFIG_NAMES, MANIFEST_FILE
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = Path(__file__).resolve().parent / "cli_launcher.py"
 
-# 12 samples in batches of 5 make three parts, the last one short. With the tiny models' end_bias of
-# 2.0 some completions end and others hit the 12-token limit; --keep-truncated keeps the rows of both.
+# 12 samples with --batch-size 5 make three parts of 4, since the extractor evens out batch sizes. With
+# the tiny models' end_bias of 2.0 some completions end and others hit the 12-token limit;
+# --keep-truncated keeps the rows of both.
 SMALL_RUN = (
     "--words", "hello", "cat",
     "--min-count", "5", "--max-count", "10",
