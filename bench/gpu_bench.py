@@ -22,9 +22,10 @@ completion lengths like an instruction-tuned model's: `count + 2` tokens, the en
 What it prints, all measured in the same run:
 - the extraction of the 450 prompts, all layers, float16 shards on local disk: seconds, generated
   tokens per second and bytes per second written;
-- the floors: the arithmetic (2 x parameters x tokens, prompt tokens included) at the bf16 matrix
-  multiply rate measured here; reading every weight once per decoding step at the device-to-device
-  copy rate measured here; and the bytes written at the disk write rate measured here;
+- the floors: the arithmetic (2 x parameters x tokens, counting the prompt tokens that the model runs,
+  a batch's shared leading tokens once) at the bf16 matrix multiply rate measured here; reading every
+  weight once per decoding step at the device-to-device copy rate measured here; and the bytes written
+  at the disk write rate measured here;
 - the research-script baseline on a subset of the prompts, extrapolated per row to the whole set.
 """
 
@@ -52,6 +53,8 @@ from tiny_models import build_tokenizer  # noqa: E402
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from generation import ExtractionConfig, run_extraction  # noqa: E402
+from generation.capture import shared_prefix_length  # noqa: E402
+from generation.extract import batch_slices  # noqa: E402
 from generation.prompts import DEFAULT_DATE_STRING, build_samples, render_prompts  # noqa: E402
 from length_probe import ALL_LAYERS, MANIFEST_FILE  # noqa: E402
 
@@ -170,13 +173,25 @@ def disk_write_bytes_per_second(directory: Path, size: int, chunk: int = 64 * 10
 # ---------------------------------------------------------------- runs
 
 
-def forward_passes(counts: list[int], batch_size: int) -> int:
-    """Count the model's forward passes, batching as the extractor does: by count, in order.
+def extractor_batches(samples: list, batch_size: int) -> list[list]:
+    """Batch the samples as the extractor does: sorted by count, then word, in even batches."""
+    ordered = sorted(samples, key=lambda sample: (sample.count, sample.word))
+    return [ordered[batch] for batch in batch_slices(len(ordered), batch_size)]
 
-    A batch whose longest completion has n tokens takes n passes, the prompt pass included.
-    """
-    lengths = sorted(completion_lengths(counts, EXTRA_TOKENS))
-    return sum(max(lengths[start : start + batch_size]) for start in range(0, len(lengths), batch_size))
+
+def forward_passes(batches: list[list]) -> int:
+    """Count the model's forward passes: a batch whose longest completion has n tokens takes n passes."""
+    return sum(max(completion_lengths([sample.count for sample in batch], EXTRA_TOKENS)) for batch in batches)
+
+
+def prompt_tokens_run(tokenizer, batches: list[list], share_prefix: bool) -> int:
+    """Count the prompt tokens the model runs, each batch's shared leading tokens once when they are shared."""
+    total = 0
+    for batch in batches:
+        encoded = tokenizer(render_prompts(tokenizer, batch, DEFAULT_DATE_STRING), add_special_tokens=False)["input_ids"]
+        shared = shared_prefix_length(encoded) if share_prefix and len(batch) > 1 else 0
+        total += shared + sum(len(ids) - shared for ids in encoded)
+    return total
 
 
 def run(args) -> dict:
@@ -209,7 +224,8 @@ def run(args) -> dict:
     )
     samples = build_samples(config.words, config.min_count, config.max_count)
     prompts = render_prompts(tokenizer, samples, DEFAULT_DATE_STRING)
-    prompt_tokens = sum(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"])
+    batches = extractor_batches(samples, config.batch_size)
+    prompt_tokens = prompt_tokens_run(tokenizer, batches, config.share_prompt_prefix)
     factory = forced_length_factory([end_id], EXTRA_TOKENS, vocab_limit=len(tokenizer))
 
     # A short generation first, so CUDA context and kernel selection are not charged to either side.
@@ -236,7 +252,7 @@ def run(args) -> dict:
     shutil.rmtree(baseline_dir, ignore_errors=True)
     baseline_seconds = baseline["seconds"] / baseline["rows"] * summary["rows"]
 
-    passes = forward_passes([sample.count for sample in samples], config.batch_size)
+    passes = forward_passes(batches)
     weight_bytes = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
     flops = 2 * parameters * (generated_tokens + prompt_tokens)
     return {
@@ -291,7 +307,7 @@ def print_results(results: dict) -> None:
     print("\n".join([
         f"{results['device']}, torch {results['torch']}, {results['model']['parameters']:,} parameters "
         f"in bfloat16{' (--tiny)' if results['tiny'] else ''}",
-        f"{results['prompts']} prompts, batch size {results['batch_size']}: {results['prompt_tokens']} prompt tokens, "
+        f"{results['prompts']} prompts, batch size {results['batch_size']}: {results['prompt_tokens']} prompt tokens run, "
         f"{results['generated_tokens']} generated tokens, {results['rows']} rows, all layers in float16",
         f"extraction:      {extraction['seconds']:8.2f} s   {extraction['tokens_per_second']:10.0f} tokens/s   "
         f"{extraction['bytes_per_second'] / 1e6:10.1f} MB/s written ({extraction['bytes_written'] / 1e6:.1f} MB)",

@@ -10,7 +10,9 @@ has rows 0 … n-1 with `remaining_tokens` n - 1 - t.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
+import os
 
 import numpy as np
 import torch
@@ -51,13 +53,18 @@ def capture_batch(
     float16_overflow: str,
     keep_truncated: bool,
     logits_processor=None,
+    share_prefix: bool = True,
 ) -> BatchCapture:
-    """Generate greedily for a batch of rendered prompts and capture the hidden states of every step."""
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    inputs = inputs.to(model.device)
+    """Generate greedily for a batch of rendered prompts and capture the hidden states of every step.
+
+    With `share_prefix`, the tokens that begin every prompt of the batch run through the model once, and
+    generate() starts from a copy of their key-value cache in each row (see `_batch_inputs`).
+    """
+    inputs, cache_arguments = _batch_inputs(model, tokenizer, prompts, share_prefix)
     prompt_length = inputs["input_ids"].shape[1]
     output = model.generate(
         **inputs,
+        **cache_arguments,
         do_sample=False,
         num_beams=1,
         max_new_tokens=max_new_tokens,
@@ -93,6 +100,54 @@ def capture_batch(
 
     kept = states[valid].to(STORAGE_TORCH_DTYPES[storage_dtype]).cpu().numpy()
     return BatchCapture(completions, truncated, rows_per_sample.tolist(), kept, clipped)
+
+
+def shared_prefix_length(encoded: list[list[int]]) -> int:
+    """Count the leading tokens that every tokenized prompt of a batch has in common, leaving each at least one."""
+    # The token left outside the shared part is the one whose pass gives row 0's hidden state.
+    return max(min(len(os.path.commonprefix(encoded)), min(len(ids) for ids in encoded) - 1), 0)
+
+
+def _batch_inputs(model, tokenizer, prompts: list[str], share_prefix: bool) -> tuple[dict, dict]:
+    """Tokenize a batch for generate(), and run the prompts' shared leading tokens once when allowed.
+
+    Every prompt starts with the same chat header, about two thirds of its tokens. When they are shared,
+    each row is laid out as shared tokens, then padding, then the row's own tokens, so that every prompt
+    still ends at the last position. generate() derives position ids from the attention mask, so each
+    token keeps the position it has in its unpadded prompt, and the masked padding changes no state.
+    Without sharing this is plain left padding. Returns the tensors and the keyword argument that passes
+    the cache to generate() (empty without sharing).
+    """
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    cache_keyword = _cache_keyword(model) if share_prefix and len(prompts) > 1 else None
+    shared = shared_prefix_length(encoded) if cache_keyword else 0
+
+    own = [ids[shared:] for ids in encoded]
+    width = max(len(ids) for ids in own)
+    pad_id = tokenizer.pad_token_id
+    input_ids = torch.tensor([encoded[0][:shared] + [pad_id] * (width - len(ids)) + ids for ids in own])
+    attention_mask = torch.tensor([[1] * shared + [0] * (width - len(ids)) + [1] * len(ids) for ids in own])
+    inputs = {"input_ids": input_ids.to(model.device), "attention_mask": attention_mask.to(model.device)}
+    if not shared:
+        return inputs, {}
+
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    model(input_ids=inputs["input_ids"][:1, :shared], use_cache=True, logits_to_keep=1, **{cache_keyword: cache})
+    cache.batch_repeat_interleave(len(prompts))
+    return inputs, {cache_keyword: cache}
+
+
+def _cache_keyword(model) -> str | None:
+    """Name the forward() argument that takes a key-value cache, or None when a shared one cannot be used."""
+    supports_dynamic = getattr(model, "_supports_default_dynamic_cache", lambda: True)()
+    custom_cache = getattr(model.generation_config, "cache_implementation", None) not in (None, "dynamic")
+    if model.config.is_encoder_decoder or not supports_dynamic or custom_cache:
+        return None
+    parameters = inspect.signature(model.forward).parameters
+    # transformers renamed past_key_values to cache in version 5, and accepts the old name until 5.40.
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
 
 
 def _split_completions(generated: torch.Tensor, end_ids: list[int], max_new_tokens: int):

@@ -49,6 +49,9 @@ def add_extract_parser(subparsers) -> None:
                         "all: both from one generation pass (default: all)")
     parser.add_argument("--output-dir", type=Path, required=True, help="directory for shards, metadata and manifest")
     parser.add_argument("--batch-size", type=int, default=64, help="prompts generated together (default: 64)")
+    parser.add_argument("--no-shared-prefix", dest="share_prompt_prefix", action="store_false",
+                        help="run every prompt's tokens in full, instead of running the tokens that begin every "
+                        "prompt of a batch once and reusing their key-value cache")
     parser.add_argument("--device", default="auto",
                         help="auto, cpu, cuda, cuda:N or mps (default: auto, which picks a GPU if present)")
     parser.add_argument("--device-map", choices=["auto"], default=None,
@@ -91,6 +94,7 @@ def run_extract(args) -> int:
         date_string=args.date_string,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
+        share_prompt_prefix=args.share_prompt_prefix,
         output_dir=args.output_dir,
         configs=config_names(args.config),
         storage_dtype=args.storage_dtype,

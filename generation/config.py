@@ -40,6 +40,9 @@ class ExtractionConfig:
     # ---- generation
     max_new_tokens: int = 200  # resume key
     batch_size: int = 64
+    # Run the tokens that begin every prompt of a batch once and copy their key-value cache to each row.
+    # Not a resume key: rows agree with unshared runs to float rounding, as they do across batch sizes.
+    share_prompt_prefix: bool = True
 
     # ---- output
     output_dir: Path = Path("data")

@@ -136,6 +136,7 @@ def run_extraction(config: ExtractionConfig, *, model=None, tokenizer=None, logi
                 float16_overflow=config.float16_overflow,
                 keep_truncated=config.keep_truncated,
                 logits_processor=logits_processor_factory(batch) if logits_processor_factory else None,
+                share_prefix=config.share_prompt_prefix,
             )
             record = _write_part(output_dir, part_name(group.rank, sequence), group.rank, batch, prompts, capture, tokenizer, config)
             written_bytes += sum(entry["bytes"] for entry in record["files"].values())

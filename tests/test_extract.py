@@ -14,6 +14,9 @@ from conftest import SMALL_PROMPTS, extract
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import length_probe
+from generation.capture import _batch_inputs, capture_batch, shared_prefix_length
+from generation.extract import batch_slices
+from generation.models import end_token_ids, load_model, load_tokenizer
 from generation.prompts import DEFAULT_DATE_STRING, build_samples, render_prompts
 
 ATOL = 1e-4
@@ -128,17 +131,81 @@ def test_all_layers_exclude_embedding(llama_dir, llama_dataset_dir):
             assert not np.allclose(first_block, embedding[row["token_id"][step - 1]], atol=1e-3)
 
 
-def test_batch_size_does_not_change_rows(llama_dir, llama_dataset_dir, tmp_path):
+def test_batch_size_and_prefix_sharing_do_not_change_rows(llama_dir, llama_dataset_dir, tmp_path):
     extract(llama_dir, tmp_path / "batch1", batch_size=1)
     extract(llama_dir, tmp_path / "batch5", batch_size=5)
+    extract(llama_dir, tmp_path / "unshared", share_prompt_prefix=False)
     reference = read_rows(llama_dataset_dir, length_probe.ALL_LAYERS)
-    for name in ("batch1", "batch5"):
+    for name in ("batch1", "batch5", "unshared"):
         rows = read_rows(tmp_path / name, length_probe.ALL_LAYERS)
         assert rows.keys() == reference.keys()
         for sample_id, row in rows.items():
             assert row["token_id"].tolist() == reference[sample_id]["token_id"].tolist()
             assert row["remaining_tokens"].tolist() == reference[sample_id]["remaining_tokens"].tolist()
             np.testing.assert_allclose(row["hidden_states"], reference[sample_id]["hidden_states"], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+@pytest.mark.parametrize("batch", ["unequal lengths", "one prompt extends another"])
+def test_shared_prefix_matches_full_prompts(architecture, batch, request):
+    """A batch whose shared tokens run once, padded in the middle, still gives each prompt its own rows."""
+    model_dir = request.getfixturevalue(f"{architecture}_dir")
+    model = load_model(str(model_dir), device=torch.device("cpu"), dtype="float32", device_map=None)
+    tokenizer = load_tokenizer(str(model_dir))
+    # "cat.dog.hello" is five tokens for the word-level tokenizer and "hello" one, so the prompts differ in length.
+    samples = build_samples(("hello", "cat.dog.hello"), 5, 7)
+    prompts = render_prompts(tokenizer, samples, DEFAULT_DATE_STRING)
+    sample_ids = [sample.sample_id for sample in samples]
+    if batch == "one prompt extends another":
+        # The shared part must then stop one token short of the shorter prompt, whose last token still needs a pass.
+        prompts, sample_ids = [prompts[0], prompts[0] + " 7"], [sample_ids[0], "extended"]
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    assert len({len(ids) for ids in encoded}) == 2
+    shared = shared_prefix_length(encoded)
+    if batch == "one prompt extends another":
+        assert shared == len(encoded[0]) - 1
+    assert shared > 10
+
+    inputs, cache_arguments = _batch_inputs(model, tokenizer, prompts, share_prefix=True)
+    (cache,) = cache_arguments.values()
+    assert cache.get_seq_length() == shared
+    width = inputs["input_ids"].shape[1]
+    for ids, mask, own in zip(inputs["input_ids"].tolist(), inputs["attention_mask"].tolist(), encoded):
+        assert ids[:shared] + ids[width - (len(own) - shared):] == own
+        assert mask == [1] * shared + [0] * (width - len(own)) + [1] * (len(own) - shared)
+
+    settings = dict(layer_indices=[1, 2, 3], end_ids=end_token_ids(model, tokenizer), max_new_tokens=12,
+                    storage_dtype="float32", float16_overflow="error", keep_truncated=True)
+    with_cache = capture_batch(model, tokenizer, prompts, sample_ids, share_prefix=True, **settings)
+    without = capture_batch(model, tokenizer, prompts, sample_ids, share_prefix=False, **settings)
+    alone = [capture_batch(model, tokenizer, [prompt], [sample_id], **settings) for prompt, sample_id in zip(prompts, sample_ids)]
+    assert with_cache.completions == without.completions == [capture.completions[0] for capture in alone]
+    assert with_cache.kept_rows == without.kept_rows
+    np.testing.assert_allclose(with_cache.states, without.states, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(with_cache.states, np.concatenate([capture.states for capture in alone]), rtol=RTOL, atol=ATOL)
+
+
+def test_single_prompt_batch_shares_nothing(llama_dir):
+    model = load_model(str(llama_dir), device=torch.device("cpu"), dtype="float32", device_map=None)
+    tokenizer = load_tokenizer(str(llama_dir))
+    prompts = render_prompts(tokenizer, build_samples(("hello",), 5, 5), DEFAULT_DATE_STRING)
+    inputs, cache_arguments = _batch_inputs(model, tokenizer, prompts, share_prefix=True)
+    assert cache_arguments == {}
+    assert inputs["input_ids"].tolist() == tokenizer(prompts, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize(("count", "batch_size", "sizes"), [
+    (450, 64, [56, 56, 57, 56, 56, 57, 56, 56]),
+    (12, 5, [4, 4, 4]),
+    (65, 64, [32, 33]),
+    (64, 64, [64]),
+    (3, 1, [1, 1, 1]),
+    (0, 8, []),
+])
+def test_batch_slices_are_even(count, batch_size, sizes):
+    slices = batch_slices(count, batch_size)
+    assert [part.stop - part.start for part in slices] == sizes
+    assert [index for part in slices for index in range(part.start, part.stop)] == list(range(count))
 
 
 def test_truncated_samples_recorded_not_stored(llama_dataset_dir, llama_dir, tmp_path, caplog):
