@@ -261,15 +261,17 @@ def _write_part(output_dir, name, rank, batch: list[Sample], prompts, capture: B
             continue
         locations.append([sample.sample_id, row, kept])
         row += kept
-        for step, token in enumerate(completion[:kept]):
+        tokens = completion[:kept]
+        for token in tokens:
             if token not in token_texts:
                 token_texts[token] = tokenizer.decode([token], skip_special_tokens=False)
-            for key, value in (
-                ("sample_id", sample.sample_id), ("word", sample.word), ("count", sample.count), ("step", step),
-                ("token_id", token), ("token_text", token_texts[token]), ("remaining_tokens", length - 1 - step),
-                ("completion_length", length), ("is_exact_count", exact), ("is_truncated", truncated),
-            ):
-                columns[key].append(value)
+        for key, values in (
+            ("sample_id", [sample.sample_id] * kept), ("word", [sample.word] * kept), ("count", [sample.count] * kept),
+            ("step", range(kept)), ("token_id", tokens), ("token_text", [token_texts[token] for token in tokens]),
+            ("remaining_tokens", range(length - 1, length - 1 - kept, -1)), ("completion_length", [length] * kept),
+            ("is_exact_count", [exact] * kept), ("is_truncated", [truncated] * kept),
+        ):
+            columns[key].extend(values)
 
     states = capture.states  # [rows, captured layers, hidden]
     files = {}
