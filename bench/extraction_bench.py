@@ -10,16 +10,22 @@ high-water mark, `ru_maxrss`) cannot hide another's. The runs:
 1. this project's `run_extraction` on the prompt set (450 prompts at --samples-scale 1);
 2. the baseline of bench/research_baseline.py on --baseline-samples of those prompts, evenly spread
    over words and counts, and on half as many. With fewer than all prompts, its time at full size is
-   extrapolated per row and labelled as an estimate;
+   extrapolated per row and labelled as an estimate. With --repeats N, runs 1 and 2 (at full size)
+   happen N times, taking turns, and the run with the median wall time stands for each side;
 3. with --growth-scale M (default 10), this project's extraction on the prompt set and on M times as
    many prompts, both with completions forced to count + 1 tokens, to show that its peak memory stays
    flat. The baseline's peak at the larger size is extrapolated from the growth between its two runs,
    since it keeps every row in memory.
 
-Times cover loading the model, generating, capturing and writing. Starting Python and importing torch
-and transformers, the same in every child, are left out. The model load still pays for the
-transformers modules that it imports on first use. On a CPU that other processes share, pass --threads 1:
-with torch's default thread count, both sides ran about 10 times slower on a busy 2-core machine.
+Times cover loading the model's weights, generating, capturing and writing. Starting Python and
+importing the libraries (torch, transformers and the model architecture's code, which transformers
+imports on first use) happen before the clock starts, the same in every child; the time that import of
+the model code takes is printed on a line of its own. On a CPU that other processes share, pass
+--threads 1: with torch's default thread count, both sides ran about 10 times slower on a busy 2-core
+machine.
+
+Issue 5 describes both sides in one process. Here they run in two children of one command, because
+a process's peak resident memory is one number for its whole life.
 """
 
 from __future__ import annotations
@@ -47,12 +53,6 @@ from generation.prompts import DEFAULT_DATE_STRING, DEFAULT_MAX_COUNT, DEFAULT_M
 
 logger = logging.getLogger("extraction_bench")
 
-# The demo model was trained on these words as well as the dataset's, with counts 1 to 80, so a
-# scaled prompt set built from them still gets sensible completions.
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-from train_demo_model import EXTRA_WORDS  # noqa: E402
-
-WORD_POOL = list(DEFAULT_WORDS) + [word for word in EXTRA_WORDS if word not in DEFAULT_WORDS]
 RANDOM_MODEL = "random"
 MAX_NEW_TOKENS = 200
 KIB = 1024
@@ -60,6 +60,18 @@ MIB = 1024 * 1024
 
 
 # ---------------------------------------------------------------- prompt sets
+
+
+def word_pool() -> list[str]:
+    """Return the dataset's words, then the other words the demo model was trained on (counts 1 to 80).
+
+    A scaled prompt set built from them still gets sensible completions. Imported here rather than at the
+    top because the training script imports transformers' Llama code, whose import the children time.
+    """
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    from train_demo_model import EXTRA_WORDS
+
+    return list(DEFAULT_WORDS) + [word for word in EXTRA_WORDS if word not in DEFAULT_WORDS]
 
 
 def scaled_prompt_set(scale: int) -> dict:
@@ -70,8 +82,9 @@ def scaled_prompt_set(scale: int) -> dict:
     completions: fine for memory runs, which force completion lengths anyway.
     """
     word_count = len(DEFAULT_WORDS) * scale
-    fillers = [f"filler{index:03d}" for index in range(1, word_count - len(WORD_POOL) + 1)]
-    return {"words": (WORD_POOL + fillers)[:word_count], "min_count": DEFAULT_MIN_COUNT, "max_count": DEFAULT_MAX_COUNT}
+    pool = word_pool()
+    fillers = [f"filler{index:03d}" for index in range(1, word_count - len(pool) + 1)]
+    return {"words": (pool + fillers)[:word_count], "min_count": DEFAULT_MIN_COUNT, "max_count": DEFAULT_MAX_COUNT}
 
 
 def spread_subset(total: int, size: int) -> list[int]:
@@ -107,6 +120,7 @@ def child_main(spec_path: Path) -> None:
 
     from generation.models import load_model, load_tokenizer
 
+    import_seconds = import_model_code(spec["model"])
     rss_before = resident_kib()
     started = time.perf_counter()
     # Both sides load the model through the extractor's own loader, timed apart from the work, so the
@@ -130,6 +144,7 @@ def child_main(spec_path: Path) -> None:
     else:
         result = _run_baseline_child(spec, model, tokenizer)
     finished = time.perf_counter()
+    result["import_seconds"] = import_seconds
     result["load_seconds"] = loaded - started
     result["work_seconds"] = finished - loaded
     result["seconds"] = finished - started
@@ -137,6 +152,22 @@ def child_main(spec_path: Path) -> None:
     result["peak_rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result["torch_threads"] = torch.get_num_threads()
     Path(spec["result"]).write_text(json.dumps(result))
+
+
+def import_model_code(model_dir: str) -> float:
+    """Import the transformers modules of the model's architecture and return the seconds it took.
+
+    transformers imports a model's code on first use, and on this project's 2-core machine that took
+    1.8 s (most of it torch.distributed and torch._dynamo, which the modeling code imports). That cost is
+    the same for both sides and for any run length, like importing torch, so it is measured here,
+    reported apart, and kept out of the timed run. In one process running both sides it would be paid once.
+    """
+    started = time.perf_counter()
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(model_dir))]
+    return time.perf_counter() - started
 
 
 def _forced_factory(tokenizer, extra_tokens: int):
@@ -215,6 +246,11 @@ def prepare_model(args, work_dir: Path) -> tuple[str, int]:
     return str(path), args.force_lengths or 0
 
 
+def median_run(runs: list[dict]) -> dict:
+    """Return the run with the median wall time (the lower of the two middle ones for an even count)."""
+    return sorted(runs, key=lambda run: run["seconds"])[(len(runs) - 1) // 2]
+
+
 def estimate_peak(measured: list[dict], rows: int) -> float:
     """Extrapolate the baseline's peak RSS (KiB) linearly in rows from its two measured runs."""
     small, large = sorted(measured, key=lambda result: result["rows"])
@@ -231,13 +267,16 @@ def main() -> None:
                         help=f"layers captured by both sides (default: {ALL_LAYERS})")
     parser.add_argument("--samples-scale", type=int, default=1,
                         help="multiply the 450-prompt set by this integer through more words, counts still 5 to 49; "
-                        f"past {len(WORD_POOL)} words the words are made up (default: 1)")
+                        "past the demo model's training words the words are made up (default: 1)")
     parser.add_argument("--baseline-samples", type=int, default=None,
                         help="run the baseline on this many prompts spread over the set and extrapolate "
                         "its time per row (default: all prompts)")
     parser.add_argument("--growth-scale", type=int, default=10,
                         help="also run this project's extraction on this many times the prompts to measure "
                         "memory growth; 0 skips it (default: 10)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run each side this many times, taking turns, and report the run with the median "
+                        "wall time (default: 1)")
     parser.add_argument("--batch-size", type=int, default=None, help="extraction batch size (default: the extractor's)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads in every run; 0 keeps torch's default")
     parser.add_argument("--force-lengths", type=int, default=None, metavar="EXTRA",
@@ -252,8 +291,8 @@ def main() -> None:
         child_main(args.child)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.samples_scale < 1 or args.growth_scale < 0:
-        parser.error("--samples-scale must be at least 1 and --growth-scale at least 0")
+    if args.samples_scale < 1 or args.growth_scale < 0 or args.repeats < 1:
+        parser.error("--samples-scale and --repeats must be at least 1, and --growth-scale at least 0")
 
     from generation.config import ExtractionConfig
 
@@ -283,15 +322,18 @@ def compare(args, work_dir: Path, batch_size: int) -> dict:
     common = {"model": model_dir, "config": args.config, "threads": args.threads, "log_level": args.log_level,
               "force_extra_tokens": extra_tokens, "batch_size": batch_size}
 
-    project = run_child("extract", work_dir, "project", {**common, **prompt_set})
-
     baseline_size = args.baseline_samples or sample_count
-    baseline_runs = []
-    for size in (baseline_size, max(baseline_size // 2, 1)):
-        indices = spread_subset(sample_count, size)
-        baseline_runs.append(run_child("baseline", work_dir, f"baseline-{len(indices)}",
-                                       {**common, **prompt_set, "sample_indices": indices}))
-    baseline = baseline_runs[0]
+    indices = spread_subset(sample_count, baseline_size)
+    # The two sides take turns, so that a change in the machine's speed during the run hits both.
+    projects, baselines = [], []
+    for repeat in range(args.repeats):
+        projects.append(run_child("extract", work_dir, f"project-{repeat}", {**common, **prompt_set}))
+        baselines.append(run_child("baseline", work_dir, f"baseline-{len(indices)}-{repeat}",
+                                   {**common, **prompt_set, "sample_indices": indices}))
+    project, baseline = median_run(projects), median_run(baselines)
+    half = spread_subset(sample_count, max(baseline_size // 2, 1))
+    baseline_runs = [baseline, run_child("baseline", work_dir, f"baseline-{len(half)}",
+                                         {**common, **prompt_set, "sample_indices": half})]
     baseline_is_full = baseline["samples"] == sample_count
     # Loading is a fixed cost, and only the work after it grows with the rows.
     baseline_work = baseline["work_seconds"] if baseline_is_full else baseline["work_seconds"] / baseline["rows"] * project["rows"]
@@ -306,12 +348,16 @@ def compare(args, work_dir: Path, batch_size: int) -> dict:
         "batch_size": batch_size,
         "forced_extra_tokens": extra_tokens,
         "prompt_set": {**prompt_set, "samples": sample_count, "scale": args.samples_scale},
+        "repeats": args.repeats,
+        "project_seconds_each_repeat": [run["seconds"] for run in projects],
+        "baseline_seconds_each_repeat": [run["seconds"] for run in baselines],
         "project": {**project, "rows_per_second": project["rows"] / project["seconds"]},
         "baseline": {
             "measured_runs": baseline_runs,
             "samples_run": baseline["samples"],
             "estimated": not baseline_is_full,
             "seconds": baseline_seconds,
+            "import_seconds": baseline["import_seconds"],
             "load_seconds": baseline["load_seconds"],
             "work_seconds": baseline_work,
             "rows": baseline["rows"] if baseline_is_full else project["rows"],
@@ -366,15 +412,20 @@ def print_results(results: dict) -> None:
         f"model {results['model']}, {results['config']}, {results['prompt_set']['samples']} prompts, "
         f"{project['rows']} rows, batch size {results['batch_size']}, torch threads {project['torch_threads']}",
         f"{'':28}{'this project':>16}{'baseline':>16}{'ratio':>10}",
-        f"{'wall time (s)':28}{project['seconds']:16.1f}{baseline['seconds']:16.1f}"
+        f"{'wall time (s)':28}{project['seconds']:16.2f}{baseline['seconds']:16.2f}"
         f"{results['speedup']:10.1f}x{estimate}",
-        f"{'  loading the model (s)':28}{project['load_seconds']:16.1f}{baseline['load_seconds']:16.1f}",
-        f"{'  extraction (s)':28}{project['work_seconds']:16.1f}{baseline['work_seconds']:16.1f}"
+        f"{'  loading the model (s)':28}{project['load_seconds']:16.2f}{baseline['load_seconds']:16.2f}",
+        f"{'  extraction (s)':28}{project['work_seconds']:16.2f}{baseline['work_seconds']:16.2f}"
         f"{results['speedup_after_loading']:10.1f}x{estimate}",
         f"{'rows per second':28}{project['rows_per_second']:16.0f}{baseline['rows_per_second']:16.0f}"
         f"{project['rows_per_second'] / baseline['rows_per_second']:10.1f}x",
         f"{'peak RSS (MiB)':28}{project['peak_rss_kib'] / KIB:16.0f}{baseline['peak_rss_kib'] / KIB:16.0f}{estimate}",
         f"{'bytes written (MiB)':28}{project['bytes_written'] / MIB:16.1f}{baseline['bytes_written'] / MIB:16.1f}{estimate}",
+        f"{'not timed: model code import (s)':32}{project['import_seconds']:12.2f}{baseline['import_seconds']:16.2f}",
+        f"wall time of each repeat (s), this project: "
+        f"{', '.join(f'{seconds:.2f}' for seconds in results['project_seconds_each_repeat'])}; baseline: "
+        f"{', '.join(f'{seconds:.2f}' for seconds in results['baseline_seconds_each_repeat'])}"
+        f" (the median run of each side is shown above)",
         f"speedup end to end: {results['speedup']:.1f}x"
         + (f" (baseline time extrapolated from {baseline['samples_run']} prompts)" if baseline["estimated"] else ""),
     ]

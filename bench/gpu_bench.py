@@ -9,7 +9,7 @@ and a shrunken configuration that runs on a CPU in seconds, which tests/test_gpu
     python bench/gpu_bench.py --tiny
 
 NOTE: so far only --tiny has run, on a CPU. The full run has not been on a GPU yet; by an estimate from
-its sizes (2.2 GB of shards, 275 forward passes of a 3-billion-parameter model) it needs a few
+its sizes (2.2 GB of shards, 254 forward passes of a 3-billion-parameter model) it needs a few
 minutes on an H200, well inside an 8-minute limit, but that is unmeasured.
 
 No weights are needed or downloaded: the model is a randomly initialised `LlamaForCausalLM` with
@@ -22,10 +22,10 @@ completion lengths like an instruction-tuned model's: `count + 2` tokens, the en
 What it prints, all measured in the same run:
 - the extraction of the 450 prompts, all layers, float16 shards on local disk: seconds, generated
   tokens per second and bytes per second written;
-- the floors: the arithmetic (2 x parameters x tokens, counting the prompt tokens that the model runs,
-  a batch's shared leading tokens once) at the bf16 matrix multiply rate measured here; reading every
-  weight once per decoding step at the device-to-device copy rate measured here; and the bytes written
-  at the disk write rate measured here;
+- the floors, each at a rate measured here: the arithmetic (2 x parameters x tokens, counting the
+  prompt tokens that the model runs, a batch's shared leading tokens once) at the bf16 matrix
+  multiply rate; every weight read once per decoding step at the device-to-device copy rate; the
+  bytes written at the disk write rate;
 - the research-script baseline on a subset of the prompts, extrapolated per row to the whole set.
 """
 

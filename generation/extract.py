@@ -155,8 +155,8 @@ def run_extraction(config: ExtractionConfig, *, model=None, tokenizer=None, logi
 def batch_slices(count: int, batch_size: int) -> list[slice]:
     """Cut `count` samples into the fewest batches of at most `batch_size`, their sizes differing by at most one.
 
-    Even sizes matter because a batch costs one forward pass per token of its longest completion, whatever
-    its size: 450 samples in batches of 64 would leave a last batch of 2 that costs as many passes as a full one.
+    A batch costs one forward pass per token of its longest completion, whatever its size. So 450 samples
+    in batches of 64 would leave a last batch of 2 that costs as many passes as a full one.
     """
     batches = -(-count // batch_size)
     bounds = [round(index * count / batches) for index in range(batches + 1)] if batches else [0]
