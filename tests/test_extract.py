@@ -62,6 +62,19 @@ def read_rows(data_dir, config_name) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_fixture_tokenizers_keep_the_prompt_words(architecture, request):
+    # Without this, a fixture whose tokenizer dropped the words would make every word's prompt the same.
+    tokenizer = load_tokenizer(str(request.getfixturevalue(f"{architecture}_dir")))
+    prompts = render_prompts(tokenizer, build_samples(("hello", "python"), 5, 5), DEFAULT_DATE_STRING)
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    decoded = [tokenizer.decode(ids) for ids in encoded]
+    assert "hello" in decoded[0] and "python" in decoded[1]
+    if architecture == "qwen2":  # byte-level, so lossless; the word-level Llama tokenizer drops whitespace
+        assert decoded == prompts
+    assert encoded[0] != encoded[1]
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
 def test_rows_match_one_sample_reference(architecture, request):
     model_dir = request.getfixturevalue(f"{architecture}_dir")
     data_dir = request.getfixturevalue(f"{architecture}_dataset_dir")

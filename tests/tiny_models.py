@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT_PATTERN
 
 SPECIAL_TOKENS = ["<unk>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<pad>"]
 WORDS = (
@@ -52,6 +53,31 @@ def build_tokenizer(*, with_pad_token: bool = False, chat_template: str | None =
     return tokenizer
 
 
+def build_byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """Build a byte-level BPE tokenizer, trained on the prompt words, that loads unchanged as Qwen2's tokenizer.
+
+    AutoTokenizer loads a Qwen2 model's tokenizer as Qwen2Tokenizer, which rebuilds a byte-level BPE from
+    the saved vocabulary and merges with Qwen2's split pattern. The word-level tokenizer above does not
+    survive that (it comes back dropping every word), so the Qwen2 fixture uses this one, whose words,
+    spaces and digits tokenize the same after the round trip.
+    """
+    backend = Tokenizer(models.BPE())
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    backend.decoder = decoders.ByteLevel()
+    corpus = [" ".join(WORDS)] * 3 + list(WORDS) + ["0123456789", "\n\n", ": "]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS, min_frequency=1, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                        unk_token="<unk>", pad_token="<pad>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 def build_model(architecture: str, tokenizer, *, seed: int = 0, layers: int = 3, hidden: int = 32, end_bias: float = 4.0):
     """Build a randomly initialised model with an end token that wins greedy decoding now and then."""
     torch.manual_seed(seed)
@@ -86,7 +112,7 @@ def build_model(architecture: str, tokenizer, *, seed: int = 0, layers: int = 3,
 
 def save_tiny_model(directory: Path, architecture: str = "llama", **kwargs) -> Path:
     """Save a tiny model and its tokenizer so they load with from_pretrained, and return the directory."""
-    tokenizer = build_tokenizer(with_pad_token=architecture != "llama")
+    tokenizer = build_byte_level_tokenizer() if architecture == "qwen2" else build_tokenizer()
     model = build_model(architecture, tokenizer, **kwargs)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
