@@ -144,12 +144,15 @@ def test_all_layers_exclude_embedding(llama_dir, llama_dataset_dir):
             assert not np.allclose(first_block, embedding[row["token_id"][step - 1]], atol=1e-3)
 
 
-def test_batch_size_and_prefix_sharing_do_not_change_rows(llama_dir, llama_dataset_dir, tmp_path):
+def test_batch_size_prefix_sharing_and_device_map_do_not_change_rows(llama_dir, llama_dataset_dir, tmp_path):
     extract(llama_dir, tmp_path / "batch1", batch_size=1)
     extract(llama_dir, tmp_path / "batch5", batch_size=5)
     extract(llama_dir, tmp_path / "unshared", share_prompt_prefix=False)
+    # This runs the --device-map code path (from_pretrained places the model, no .to(device) after it).
+    # Without a GPU every layer lands on the CPU, so a split over several devices stays untested here.
+    extract(llama_dir, tmp_path / "device-map", device_map="auto")
     reference = read_rows(llama_dataset_dir, length_probe.ALL_LAYERS)
-    for name in ("batch1", "batch5", "unshared"):
+    for name in ("batch1", "batch5", "unshared", "device-map"):
         rows = read_rows(tmp_path / name, length_probe.ALL_LAYERS)
         assert rows.keys() == reference.keys()
         for sample_id, row in rows.items():
