@@ -423,9 +423,10 @@ def print_results(results: dict) -> None:
         f"{'bytes written (MiB)':28}{project['bytes_written'] / MIB:16.1f}{baseline['bytes_written'] / MIB:16.1f}{estimate}",
         f"{'not timed: model code import (s)':32}{project['import_seconds']:12.2f}{baseline['import_seconds']:16.2f}",
         f"wall time of each repeat (s), this project: "
-        f"{', '.join(f'{seconds:.2f}' for seconds in results['project_seconds_each_repeat'])}; baseline: "
-        f"{', '.join(f'{seconds:.2f}' for seconds in results['baseline_seconds_each_repeat'])}"
-        f" (the median run of each side is shown above)",
+        f"{', '.join(f'{seconds:.2f}' for seconds in results['project_seconds_each_repeat'])}; baseline"
+        + (f" on its {baseline['samples_run']} prompts, before extrapolating: " if baseline["estimated"] else ": ")
+        + f"{', '.join(f'{seconds:.2f}' for seconds in results['baseline_seconds_each_repeat'])}"
+        " (the table above is built from the median run of each side)",
         f"speedup end to end: {results['speedup']:.1f}x"
         + (f" (baseline time extrapolated from {baseline['samples_run']} prompts)" if baseline["estimated"] else ""),
     ]

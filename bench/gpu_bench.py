@@ -37,6 +37,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -331,11 +332,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="extraction batch size (default: 64, or 8 with --tiny)")
     parser.add_argument("--baseline-samples", type=int, default=None,
                         help="prompts the baseline runs before extrapolating (default: 16, or 4 with --tiny)")
-    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/length-probe-gpu-bench"),
-                        help="local directory for the dataset and the disk probe (default: %(default)s)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="local directory for the dataset and the disk probe; an existing dataset in it is "
+                        "replaced (default: a new directory under the system's temporary directory, kept)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.work_dir is None:
+        # A new directory per run, so that two runs never replace each other's dataset.
+        args.work_dir = Path(tempfile.mkdtemp(prefix="length-probe-gpu-bench-"))
     results = run(args)
     print_results(results)
     if args.json:

@@ -51,7 +51,8 @@ def add_extract_parser(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="prompts generated together (default: 64)")
     parser.add_argument("--no-shared-prefix", dest="share_prompt_prefix", action="store_false",
                         help="run every prompt's tokens in full, instead of running the tokens that begin every "
-                        "prompt of a batch once and reusing their key-value cache")
+                        "prompt of a batch once and reusing their key-value cache; the rows are the same either "
+                        "way, to float rounding")
     parser.add_argument("--device", default="auto",
                         help="auto, cpu, cuda, cuda:N or mps (default: auto, which picks a GPU if present)")
     parser.add_argument("--device-map", choices=["auto"], default=None,

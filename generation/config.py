@@ -60,7 +60,7 @@ class ExtractionConfig:
             raise ExtractionError("the word list is empty; pass at least one word, e.g. --words hello world")
         for word in self.words:
             if not WORD_PATTERN.match(word):
-                raise ExtractionError(f"invalid word {word!r}: a word must be non-empty, without spaces or quotes")
+                raise ExtractionError(f"invalid word {word!r}: a word must be non-empty, without spaces or double quotes")
         if len(set(self.words)) != len(self.words):
             raise ExtractionError(f"the word list {list(self.words)} repeats a word; list each word once")
         if not (1 <= self.min_count <= self.max_count):

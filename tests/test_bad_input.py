@@ -116,7 +116,7 @@ INVALID_OPTIONS = {
         ["--min-count", "0"],
         "error: invalid count range 0..10: expected 1 <= --min-count <= --max-count, e.g. --min-count 5 --max-count 49",
     ),
-    "empty-word": (["--words", ""], "error: invalid word '': a word must be non-empty, without spaces or quotes"),
+    "empty-word": (["--words", ""], "error: invalid word '': a word must be non-empty, without spaces or double quotes"),
     "repeated-word": (
         ["--words", "cat", "cat"],
         "error: the word list ['cat', 'cat'] repeats a word; list each word once",
