@@ -18,14 +18,15 @@ high-water mark, `ru_maxrss`) cannot hide another's. The runs:
    since it keeps every row in memory.
 
 Times cover loading the model's weights, generating, capturing and writing. Starting Python and
-importing the libraries (torch, transformers and the model architecture's code, which transformers
-imports on first use) happen before the clock starts, the same in every child; the time that import of
-the model code takes is printed on a line of its own. On a CPU that other processes share, pass
---threads 1: with torch's default thread count, both sides ran about 10 times slower on a busy 2-core
-machine.
+importing the libraries happen before the clock starts, the same in every child. Those libraries are
+torch, transformers and the model architecture's code, which transformers imports on first use. The
+time of that last import is printed on a line of its own.
 
-Issue 5 describes both sides in one process. Here they run in two children of one command, because
-a process's peak resident memory is one number for its whole life.
+On a CPU that other processes share, pass --threads 1. With torch's default thread count, both sides
+ran about 10 times slower on a busy 2-core machine.
+
+Both sides could run in one process, which would pay the imports once. They run in two children of
+one command instead, because a process's peak resident memory is one number for its whole life.
 """
 
 from __future__ import annotations

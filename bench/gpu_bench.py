@@ -22,10 +22,10 @@ completion lengths like an instruction-tuned model's: `count + 2` tokens, the en
 What it prints, all measured in the same run:
 - the extraction of the 450 prompts, all layers, float16 shards on local disk: seconds, generated
   tokens per second and bytes per second written;
-- the floors, each at a rate measured here: the arithmetic (2 x parameters x tokens, counting the
-  prompt tokens that the model runs, a batch's shared leading tokens once) at the bf16 matrix
-  multiply rate; every weight read once per decoding step at the device-to-device copy rate; the
-  bytes written at the disk write rate;
+- three floors, each at a rate measured here. The arithmetic is 2 x parameters x tokens at the bf16
+  matrix multiply rate, where the tokens are the generated ones and the prompt tokens that the model
+  runs (a batch's shared leading tokens once). Every weight is read once per decoding step at the
+  device-to-device copy rate. The bytes written go at the disk write rate;
 - the research-script baseline on a subset of the prompts, extrapolated per row to the whole set.
 """
 

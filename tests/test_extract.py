@@ -68,7 +68,8 @@ def test_fixture_tokenizers_keep_the_prompt_words(architecture, request):
     prompts = render_prompts(tokenizer, build_samples(("hello", "python"), 5, 5), DEFAULT_DATE_STRING)
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     decoded = [tokenizer.decode(ids) for ids in encoded]
-    assert "hello" in decoded[0] and "python" in decoded[1]
+    assert "hello" in decoded[0]
+    assert "python" in decoded[1]
     if architecture == "qwen2":  # byte-level, so lossless; the word-level Llama tokenizer drops whitespace
         assert decoded == prompts
     assert encoded[0] != encoded[1]
@@ -144,7 +145,7 @@ def test_all_layers_exclude_embedding(llama_dir, llama_dataset_dir):
             assert not np.allclose(first_block, embedding[row["token_id"][step - 1]], atol=1e-3)
 
 
-def test_batch_size_prefix_sharing_and_device_map_do_not_change_rows(llama_dir, llama_dataset_dir, tmp_path):
+def test_batching_options_keep_rows(llama_dir, llama_dataset_dir, tmp_path):
     extract(llama_dir, tmp_path / "batch1", batch_size=1)
     extract(llama_dir, tmp_path / "batch5", batch_size=5)
     extract(llama_dir, tmp_path / "unshared", share_prompt_prefix=False)
