@@ -44,7 +44,9 @@ def run_baseline(
     token_ids: list[int] = []
 
     for index, prompt in enumerate(tqdm(prompts, desc="Baseline", unit="prompt")):
-        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+        encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        # Some tokenizers also return token_type_ids, which generate() rejects for a causal LM.
+        inputs = {key: encoded[key].to(model.device) for key in ("input_ids", "attention_mask")}
         prompt_length = inputs["input_ids"].shape[1]
         output = model.generate(
             **inputs,

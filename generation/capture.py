@@ -147,7 +147,7 @@ def _cache_keyword(model) -> str | None:
         return None
     parameters = inspect.signature(model.forward).parameters
     # transformers 5.25 calls the argument cache and warns that past_key_values, the older name, goes in 5.40.
-    # NOTE: the shared cache is tested with transformers 5.25 only, not with the 4.x releases the pin allows.
+    # NOTE: tested with 5.25, and by hand with 4.56.2 (past_key_values); earlier 5.x releases are untested.
     return next((name for name in ("cache", "past_key_values") if name in parameters), None)
 
 
