@@ -70,6 +70,9 @@ def capture_batch(
         max_new_tokens=max_new_tokens,
         eos_token_id=end_ids,
         pad_token_id=tokenizer.pad_token_id,
+        # With use_cache off in a checkpoint's generation config, rows after step 0 came out different from
+        # one prompt at a time once a shared cache was passed, so the cache is always on.
+        use_cache=True,
         output_hidden_states=True,
         return_dict_in_generate=True,
         logits_processor=logits_processor,
@@ -119,8 +122,8 @@ def _batch_inputs(model, tokenizer, prompts: list[str], share_prefix: bool) -> t
     the cache to generate() (empty without sharing).
     """
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    cache_keyword = _cache_keyword(model) if share_prefix and len(prompts) > 1 else None
-    shared = shared_prefix_length(encoded) if cache_keyword else 0
+    cache_keyword, cache = _empty_shareable_cache(model) if share_prefix and len(prompts) > 1 else (None, None)
+    shared = shared_prefix_length(encoded) if cache is not None else 0
 
     own = [ids[shared:] for ids in encoded]
     width = max(len(ids) for ids in own)
@@ -131,24 +134,33 @@ def _batch_inputs(model, tokenizer, prompts: list[str], share_prefix: bool) -> t
     if not shared:
         return inputs, {}
 
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
     model(input_ids=inputs["input_ids"][:1, :shared], use_cache=True, logits_to_keep=1, **{cache_keyword: cache})
     cache.batch_repeat_interleave(len(prompts))
     return inputs, {cache_keyword: cache}
 
 
-def _cache_keyword(model) -> str | None:
-    """Name the forward() argument that takes a key-value cache, or None when a shared one cannot be used."""
+def _empty_shareable_cache(model) -> tuple[str | None, object | None]:
+    """Return the forward() argument name for a key-value cache and an empty cache, or (None, None).
+
+    Sharing needs a cache of plain full-attention layers. A sliding window counts cache slots, so the
+    padding in the middle of a row would shorten that row's window. Linear-attention and state-space
+    layers carry a recurrent state, which the padding would change. Such models run every prompt in full.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
     supports_dynamic = getattr(model, "_supports_default_dynamic_cache", lambda: True)()
     custom_cache = getattr(model.generation_config, "cache_implementation", None) not in (None, "dynamic")
     if model.config.is_encoder_decoder or not supports_dynamic or custom_cache:
-        return None
+        return None, None
     parameters = inspect.signature(model.forward).parameters
     # transformers 5.25 calls the argument cache and warns that past_key_values, the older name, goes in 5.40.
-    # NOTE: tested with 5.25, and by hand with 4.56.2 (past_key_values); earlier 5.x releases are untested.
-    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+    # NOTE: the shared cache is tested with transformers 5.25 only; earlier 5.x releases are untested.
+    keyword = next((name for name in ("cache", "past_key_values") if name in parameters), None)
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    if keyword is None or not all(type(layer) is DynamicLayer for layer in cache.layers):
+        return None, None
+    return keyword, cache
 
 
 def _split_completions(generated: torch.Tensor, end_ids: list[int], max_new_tokens: int):

@@ -11,7 +11,8 @@ import pyarrow.ipc as ipc
 import pytest
 import torch
 from conftest import SMALL_PROMPTS, extract
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from tiny_models import build_tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, MambaConfig, MambaForCausalLM, MistralConfig, MistralForCausalLM
 
 import length_probe
 from generation.capture import _batch_inputs, capture_batch, shared_prefix_length
@@ -200,6 +201,48 @@ def test_shared_prefix_matches_full_prompts(architecture, batch, request):
     assert with_cache.kept_rows == without.kept_rows
     np.testing.assert_allclose(with_cache.states, without.states, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(with_cache.states, np.concatenate([capture.states for capture in alone]), rtol=RTOL, atol=ATOL)
+
+
+def test_cache_off_in_generation_config_keeps_rows(llama_dir):
+    model = load_model(str(llama_dir), device=torch.device("cpu"), dtype="float32", device_map=None)
+    model.generation_config.use_cache = False
+    tokenizer = load_tokenizer(str(llama_dir))
+    samples = build_samples(("hello", "cat.dog.hello"), 5, 6)
+    prompts = render_prompts(tokenizer, samples, DEFAULT_DATE_STRING)
+    sample_ids = [sample.sample_id for sample in samples]
+    settings = dict(layer_indices=[1, 2, 3], end_ids=end_token_ids(model, tokenizer), max_new_tokens=12,
+                    storage_dtype="float32", float16_overflow="error", keep_truncated=True)
+
+    shared = capture_batch(model, tokenizer, prompts, sample_ids, **settings)
+    alone = [capture_batch(model, tokenizer, [prompt], [sample_id], **settings) for prompt, sample_id in zip(prompts, sample_ids)]
+
+    assert shared.completions == [capture.completions[0] for capture in alone]
+    assert max(len(completion) for completion in shared.completions) > 2
+    np.testing.assert_allclose(shared.states, np.concatenate([capture.states for capture in alone]), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("kind", ["sliding window", "state space"])
+def test_unsuited_models_share_nothing(kind):
+    """A sliding window or a recurrent state would see the padding inside the shared cache, so those models run prompts in full."""
+    tokenizer = build_tokenizer(with_pad_token=True)
+    torch.manual_seed(0)
+    if kind == "sliding window":
+        config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+                               pad_token_id=tokenizer.pad_token_id)
+        model = MistralForCausalLM(config).eval()
+    else:
+        config = MambaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, state_size=4,
+                             pad_token_id=tokenizer.pad_token_id)
+        model = MambaForCausalLM(config).eval()
+    prompts = render_prompts(tokenizer, build_samples(("hello", "cat.dog.hello"), 5, 5), DEFAULT_DATE_STRING)
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    assert shared_prefix_length(encoded) > 10
+
+    inputs, cache_arguments = _batch_inputs(model, tokenizer, prompts, share_prefix=True)
+
+    assert cache_arguments == {}
+    assert inputs["attention_mask"][:, 0].tolist() == [0, 1]  # plain left padding
 
 
 def test_single_prompt_batch_shares_nothing(llama_dir):
