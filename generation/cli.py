@@ -168,5 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("interrupted; finished batches are kept. Re-run the same command to resume", file=sys.stderr)
+        if args.command == "extract":
+            # Also printed when no batch had finished yet, for example during the model load.
+            message = "interrupted; every batch finished so far is kept. Re-run the same command to resume"
+            print(message, file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -23,10 +23,11 @@ from extraction_helpers import (
 )
 from tiny_models import save_tiny_model
 
+import generation.cli
 from length_probe import CONFIG_NAMES, MANIFEST_FILE, RUN_FILE, build_dataset, find_problems
 
 EXIT_INTERRUPTED = 130
-INTERRUPTED_LINE = "interrupted; finished batches are kept. Re-run the same command to resume"
+INTERRUPTED_LINE = "interrupted; every batch finished so far is kept. Re-run the same command to resume"
 
 # Where a run is interrupted, as (file name glob, nth matching rename, before or after that rename).
 # Each part writes the last-layer shard, then the all-layers shard, then its record in parts/.
@@ -235,3 +236,15 @@ def test_interrupted_overwrite_can_be_repeated(launcher, model_dir, reference_di
     assert result.returncode == 0, result.stderr
     assert_same_rows(output_dir, reference_dir)
     assert_no_duplicate_or_stray_rows(output_dir)
+
+
+def test_interrupted_verify_names_no_batches(monkeypatch, capsys, tmp_path):
+    def interrupt(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generation.cli, "run_verify", interrupt)
+
+    status = generation.cli.main(["verify", str(tmp_path)])
+
+    assert status == EXIT_INTERRUPTED
+    assert capsys.readouterr().err == "interrupted\n"
