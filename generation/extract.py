@@ -84,25 +84,30 @@ def run_extraction(config: ExtractionConfig, *, model=None, tokenizer=None, logi
     group = join_process_group(config.device)
     output_dir = config.output_dir
 
-    # ---- model, tokenizer and the settings a resume must match
+    # ---- tokenizer and the settings a resume must match. They are checked against the output directory
+    # before the model loads, so that a wrong directory or a finished run costs no model load.
     device = resolve_device(config.device, local_rank=group.local_rank)
     dtype = resolve_dtype(config.dtype, device)
     if tokenizer is None:
         tokenizer = load_tokenizer(config.model)
+    resume_key = config.resume_key(resolved_dtype=dtype, chat_template_sha256=chat_template_sha256(tokenizer))
+    _check_output_dir(config)
+    if not config.overwrite and (output_dir / RUN_FILE).is_file():
+        _check_resume_key(output_dir, resume_key)
+        if (output_dir / MANIFEST_FILE).is_file():
+            return _finished_summary(output_dir)
+
+    # ---- model, then the output directory: start or resume
     if model is None:
         logger.info("Loading %s on %s in %s", config.model, config.device_map or device, dtype)
         model = load_model(config.model, device=device, dtype=dtype, device_map=config.device_map)
-    run = _describe_run(config, model, tokenizer, dtype)
-
-    # ---- output directory: start, resume, or nothing to do
+    run = _describe_run(config, model, tokenizer, resume_key)
     if group.is_main:
         _prepare_output_dir(config, run)
     group.barrier()
-    _check_resume_key(output_dir, run)
+    _check_resume_key(output_dir, run["resume_key"])
     if (output_dir / MANIFEST_FILE).is_file():
-        _check_finished_extraction(output_dir)
-        logger.info("%s already contains a complete extraction with these settings; nothing to do", output_dir)
-        return _read_summary(output_dir)
+        return _finished_summary(output_dir)
 
     # ---- prompts: this process's share of the samples that no earlier run finished
     samples = build_samples(config.words, config.min_count, config.max_count)
@@ -163,7 +168,7 @@ def batch_slices(count: int, batch_size: int) -> list[slice]:
     return [slice(start, end) for start, end in zip(bounds, bounds[1:])]
 
 
-def _describe_run(config: ExtractionConfig, model, tokenizer, dtype: str) -> dict:
+def _describe_run(config: ExtractionConfig, model, tokenizer, resume_key: dict) -> dict:
     facts = describe_model(model, config.model)
     layer_count, hidden_size = facts["num_hidden_layers"], facts["hidden_size"]
     all_layers = list(range(1, layer_count + 1))  # hidden_states[0] is the embedding output, left out
@@ -173,7 +178,7 @@ def _describe_run(config: ExtractionConfig, model, tokenizer, dtype: str) -> dic
     }
     return {
         "format_version": FORMAT_VERSION,
-        "resume_key": config.resume_key(resolved_dtype=dtype, chat_template_sha256=chat_template_sha256(tokenizer)),
+        "resume_key": resume_key,
         "model": facts,
         "layers": {name: layers[name] for name in config.configs},
         "captured_layers": all_layers if config.captures_all_layers else [layer_count],
@@ -181,10 +186,21 @@ def _describe_run(config: ExtractionConfig, model, tokenizer, dtype: str) -> dic
     }
 
 
-def _prepare_output_dir(config: ExtractionConfig, run: dict) -> None:
+def _check_output_dir(config: ExtractionConfig) -> None:
+    """Raise when the output path is a file, or a directory that contains something other than an extraction."""
     output_dir = config.output_dir
     if output_dir.exists() and not output_dir.is_dir():
         raise ExtractionError(f"output path {str(output_dir)!r} is a file; pass a directory to --output-dir")
+    if output_dir.is_dir() and not (output_dir / RUN_FILE).is_file() and _contains_foreign_files(output_dir):
+        raise ExtractionError(
+            f"output directory {str(output_dir)!r} is not empty and contains no length-probe extraction; "
+            "pass an empty or new directory to --output-dir"
+        )
+
+
+def _prepare_output_dir(config: ExtractionConfig, run: dict) -> None:
+    output_dir = config.output_dir
+    _check_output_dir(config)
     if config.overwrite and (output_dir / RUN_FILE).is_file():
         logger.warning("--overwrite: deleting the extraction in %s", output_dir)
         for path in [output_dir / MANIFEST_FILE, output_dir / PARTS_DIR]:
@@ -196,11 +212,6 @@ def _prepare_output_dir(config: ExtractionConfig, run: dict) -> None:
             shutil.rmtree(output_dir / name, ignore_errors=True)
         # Deleted last, so that an interrupted --overwrite leaves a directory that --overwrite still accepts.
         (output_dir / RUN_FILE).unlink()
-    if output_dir.is_dir() and not (output_dir / RUN_FILE).is_file() and _contains_foreign_files(output_dir):
-        raise ExtractionError(
-            f"output directory {str(output_dir)!r} is not empty and contains no length-probe extraction; "
-            "pass an empty or new directory to --output-dir"
-        )
     try:
         for name in [PARTS_DIR, *config.configs]:
             (output_dir / name).mkdir(parents=True, exist_ok=True)
@@ -221,13 +232,13 @@ def _contains_foreign_files(output_dir: Path) -> bool:
     return any(path.name not in leftovers or (path.is_dir() and any(path.iterdir())) for path in output_dir.iterdir())
 
 
-def _check_resume_key(output_dir: Path, run: dict) -> None:
+def _check_resume_key(output_dir: Path, resume_key: dict) -> None:
     from length_probe import read_json
 
     existing = read_json(output_dir / RUN_FILE).get("resume_key", {})
     differences = [
         f"{key}: {existing.get(key)!r} in {output_dir / RUN_FILE}, {value!r} now"
-        for key, value in run["resume_key"].items()
+        for key, value in resume_key.items()
         if existing.get(key) != value
     ]
     if differences:
@@ -337,9 +348,12 @@ def _check_finished_extraction(output_dir: Path) -> None:
         )
 
 
-def _read_summary(output_dir: Path) -> dict:
+def _finished_summary(output_dir: Path) -> dict:
+    """Check a finished extraction against its manifest and return its summary."""
     from length_probe import read_json
 
+    _check_finished_extraction(output_dir)
+    logger.info("%s already contains a complete extraction with these settings; nothing to do", output_dir)
     return read_json(output_dir / MANIFEST_FILE)["summary"]
 
 

@@ -7,6 +7,7 @@ rename or directory deletion (see tests/cli_launcher.py). The re-run is the same
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 import signal
 
 import pyarrow.ipc as ipc
@@ -21,9 +22,11 @@ from extraction_helpers import (
     shard_paths,
     shared_launcher,
 )
+from conftest import extract
 from tiny_models import save_tiny_model
 
 import generation.cli
+from generation.errors import ExtractionError, ResumeMismatchError
 from length_probe import CONFIG_NAMES, MANIFEST_FILE, RUN_FILE, build_dataset, find_problems
 
 EXIT_INTERRUPTED = 130
@@ -248,3 +251,38 @@ def test_interrupted_verify_names_no_batches(monkeypatch, capsys, tmp_path):
 
     assert status == EXIT_INTERRUPTED
     assert capsys.readouterr().err == "interrupted\n"
+
+
+@pytest.fixture
+def weightless_model_dir(llama_dir, tmp_path) -> Path:
+    """Return a copy of the tiny model whose finished extraction exists, with its weights then deleted."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(llama_dir, model_dir)
+    extract(model_dir, tmp_path / "data")
+    (model_dir / "model.safetensors").unlink()
+    return model_dir
+
+
+def test_finished_run_needs_no_model_load(weightless_model_dir, tmp_path):
+    summary = extract(weightless_model_dir, tmp_path / "data")
+
+    assert summary == read_manifest(tmp_path / "data")["summary"]
+
+
+def test_settings_mismatch_found_before_model_load(weightless_model_dir, tmp_path):
+    with pytest.raises(ResumeMismatchError, match="contains an extraction made with other settings"):
+        extract(weightless_model_dir, tmp_path / "data", words=("hello",))
+
+
+def test_output_file_found_before_model_load(weightless_model_dir, tmp_path):
+    output_file = tmp_path / "file"
+    output_file.write_text("not a directory")
+
+    with pytest.raises(ExtractionError, match="is a file; pass a directory to --output-dir"):
+        extract(weightless_model_dir, output_file)
+
+
+def test_weightless_model_fails_to_load(weightless_model_dir, tmp_path):
+    # The control for the tests above: with work to do, the missing weights do stop the run.
+    with pytest.raises(ExtractionError, match="failed to load model"):
+        extract(weightless_model_dir, tmp_path / "new")
