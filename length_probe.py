@@ -163,7 +163,7 @@ def load_manifest(data_dir: Path) -> dict:
     if not data_dir.is_dir():
         raise DatasetIntegrityError(
             f"data directory {str(data_dir)!r} not found; make the shards with `{EXTRACT_HINT}` "
-            "and pass that directory as data_dir"
+            "and pass that directory instead"
         )
     manifest_path = data_dir / MANIFEST_FILE
     if not manifest_path.is_file():
@@ -174,7 +174,7 @@ def load_manifest(data_dir: Path) -> dict:
             )
         raise DatasetIntegrityError(
             f"no length-probe shards in {str(data_dir)!r} ({MANIFEST_FILE} not found); "
-            f"make them with `{EXTRACT_HINT}` and pass that directory as data_dir"
+            f"make them with `{EXTRACT_HINT}` and pass that directory instead"
         )
     manifest = read_json(manifest_path)
     if manifest.get("format_version") != FORMAT_VERSION or not manifest.get("complete"):

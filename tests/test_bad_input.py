@@ -359,6 +359,6 @@ def test_verify_rejects_empty_data_dir(tmp_path):
     assert result.returncode == EXIT_ERROR
     assert result.stderr.splitlines() == [
         f"problem: no length-probe shards in {str(tmp_path)!r} (manifest.json not found); make them with "
-        "`python -m generation extract --model MODEL --config all --output-dir DIR` and pass that directory as data_dir",
+        "`python -m generation extract --model MODEL --config all --output-dir DIR` and pass that directory instead",
         f"{tmp_path}: 1 problem(s) found",
     ]
