@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 # regularises lightly, so sweep --alpha before reading much into small differences between layers.
 DEFAULT_ALPHA = 1.0
 REPORT_FILE = "report.md"
+# Below this many validation samples the report warns that its scores are unreliable. The number is a
+# judgement, not a measured limit.
+FEW_VALIDATION_SAMPLES = 10
 FIGURE_DPI = 120
 PRODUCED_COUNT_DEFINITION = (
     "the number of whitespace-separated words in `completion_text` (the decoded completion without its end token)"
@@ -177,6 +180,12 @@ def write_report(
         )
     train, validation = dataset["train"], dataset["validation"]
     train_labels, validation_labels = RowLabels.read(train), RowLabels.read(validation)
+    validation_samples = len(validation.unique("sample_id"))
+    if validation_samples < FEW_VALIDATION_SAMPLES:
+        logger.warning(
+            "The validation split has only %d sample(s), so its probe scores are unreliable; extract more "
+            "prompts, or raise --validation-fraction", validation_samples,
+        )
 
     # ---- instruction following, from every sample in the manifest
     following = InstructionFollowing.from_samples(manifest["samples"])
@@ -218,6 +227,7 @@ def write_report(
         "rows": {
             "train": int(train_labels.usable.sum()),
             "validation": int(validation_labels.usable.sum()),
+            "validation_samples": validation_samples,
             "truncated_left_out": int((~train_labels.usable).sum() + (~validation_labels.usable).sum()),
         },
         **following.summary(),
@@ -446,13 +456,19 @@ def render_markdown(result: dict) -> str:
     """Render the report's Markdown from the numbers that write_report returns."""
     figures = {name: Path(path).name for name, path in result["figures"].items()}
     rows = result["rows"]
+    rows_line = (
+        f"Rows: {rows['train']} train, {rows['validation']} validation (whole samples split with seed "
+        f"{result['seed']}, validation fraction {result['validation_fraction']:g}; "
+        f"{rows['validation_samples']} validation samples)."
+    )
+    if rows["validation_samples"] < FEW_VALIDATION_SAMPLES:
+        rows_line += f" **Only {rows['validation_samples']} validation sample(s), so the probe scores are unreliable.**"
     lines = [
         "# Length-probe report",
         "",
         f"Model `{result['model']}`, config `{result['config_name']}` ({len(result['layers'])} layer(s) of "
         f"{result['hidden_size']} values), data `{result['data_dir']}`.",
-        f"Rows: {rows['train']} train, {rows['validation']} validation (whole samples split with seed "
-        f"{result['seed']}, validation fraction {result['validation_fraction']:g}).",
+        rows_line,
         f"Rows of truncated completions left out of the probes, norms and remaining_tokens histogram, because their "
         f"remaining_tokens is only a lower bound: {rows['truncated_left_out']}.",
         "",

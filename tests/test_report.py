@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ from matplotlib.image import imread  # noqa: E402
 
 from generation import ExtractionConfig, run_extraction  # noqa: E402
 from generation.probes import ReportError, read_layer, require_report_extras  # noqa: E402
-from generation.report import FIGURES, REPORT_FILE, write_report  # noqa: E402
+from generation.report import FIGURES, REPORT_FILE, render_markdown, write_report  # noqa: E402
 from generation.shards import build_manifest, config_metadata, shard_table, write_json_atomically, write_shard  # noqa: E402
 from length_probe import ALL_LAYERS, LAST_LAYER, MANIFEST_FILE, METADATA_FILE, PARTS_DIR, RUN_FILE, sample_id_for  # noqa: E402
 
@@ -220,6 +221,20 @@ def test_rows_split_by_sample(report, planted):
     assert rows["train"] + rows["validation"] == len(planted.remaining)
     assert rows["validation"] > 0
     assert rows["truncated_left_out"] == 0
+    # A quarter of the 40 samples is 10, and two of those are truncated and have no rows.
+    assert rows["validation_samples"] == 8
+
+
+def test_few_validation_samples_flagged(report):
+    text = Path(report["report"]).read_text(encoding="utf-8")
+    assert "8 validation samples). **Only 8 validation sample(s), so the probe scores are unreliable.**" in text
+
+
+def test_ten_validation_samples_not_flagged(report):
+    result = {**report, "rows": {**report["rows"], "validation_samples": 10}}
+    text = render_markdown(result)
+    assert "10 validation samples)." in text
+    assert "unreliable" not in text
 
 
 # ---------------------------------------------------------------- instruction following
@@ -380,7 +395,7 @@ def test_cli_invalid_fraction(tmp_path):
 # ---------------------------------------------------------------- end to end
 
 
-def test_tiny_model_extraction(tmp_path):
+def test_tiny_model_extraction(tmp_path, caplog):
     tokenizer = tiny_models.build_tokenizer(with_pad_token=True)
     tokenizer.padding_side = "left"
     model = tiny_models.build_model("qwen2", tokenizer)
@@ -388,12 +403,16 @@ def test_tiny_model_extraction(tmp_path):
                               max_new_tokens=12, batch_size=8, output_dir=tmp_path / "data")
     run_extraction(config, model=model, tokenizer=tokenizer)
 
-    result = write_report(tmp_path / "data", tmp_path / "out", cache_dir=str(tmp_path / "cache"),
-                          validation_fraction=0.25)
+    with caplog.at_level(logging.WARNING, logger="generation.report"):
+        result = write_report(tmp_path / "data", tmp_path / "out", cache_dir=str(tmp_path / "cache"),
+                              validation_fraction=0.25)
 
     metadata = json.loads((tmp_path / "data" / ALL_LAYERS / METADATA_FILE).read_text(encoding="utf-8"))
     assert result["layers"] == metadata["layers"]
     assert result["samples"] == 8
     assert Path(result["report"]).is_file()
+    assert result["rows"]["validation_samples"] == 2
+    assert "Only 2 validation sample(s), so the probe scores are unreliable." in Path(result["report"]).read_text(encoding="utf-8")
+    assert "The validation split has only 2 sample(s)" in caplog.text
     for path in result["figures"].values():
         assert Path(path).stat().st_size > 0, path
