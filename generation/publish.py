@@ -134,8 +134,10 @@ def add_push_parser(subparsers) -> None:
 
 def run_push(args) -> int:
     """Check the arguments and push. The command line prints a PublishError or DatasetIntegrityError as one line."""
-    token = resolve_token(args.token)
+    # The arguments first, then the token, then every shard's sha256, which takes seconds for gigabytes.
     request = check_request(args)
+    token = resolve_token(args.token)
+    check_shards(request.data_dir, request.config_names)
 
     from .hub_upload import library_logs, push_dataset
 
@@ -220,12 +222,14 @@ def check_card(card_path: Path) -> str:
 
 
 def check_request(args) -> PushRequest:
-    """Check every argument that needs no network, cheapest first, and return the push settings."""
+    """Check every argument that needs no network, cheapest first, and return the push settings.
+
+    The shards' checksums are left to `check_shards`.
+    """
     repo_id = check_repo_id(args.repo_id)
     data_dir = Path(args.data_dir)
     config_names = selected_configs(data_dir, args.config)
     card_text = check_card(args.card)
-    check_shards(data_dir, config_names)
     return PushRequest(
         repo_id=repo_id,
         data_dir=data_dir,

@@ -358,6 +358,13 @@ def test_missing_token_rejected(hub_server, llama_dataset_dir, tmp_path):
     assert_rejected(hub_server, result, "no Hugging Face token", "hf auth login", "HF_TOKEN")
 
 
+def test_missing_data_dir_named_before_token(hub_server, tmp_path):
+    result = push(hub_server, "--repo-id", hub_server.repo_id("no-token-no-data"), "--data-dir", str(tmp_path / "missing"),
+                  cache_dir=tmp_path, anonymous=True)
+
+    assert_rejected(hub_server, result, "data directory", "not found")
+
+
 def test_wrong_token_rejected(hub_server, llama_dataset_dir, tmp_path):
     wrong_token = "hf_not_a_valid_token"
     result = push(hub_server, "--repo-id", hub_server.repo_id("wrong-token"), "--data-dir", str(llama_dataset_dir),
