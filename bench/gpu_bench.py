@@ -55,7 +55,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM  # noqa
 
 from generation import ExtractionConfig, run_extraction  # noqa: E402
 from generation.capture import shared_prefix_length  # noqa: E402
-from generation.extract import batch_slices  # noqa: E402
+from generation.extract import plan_batches  # noqa: E402
 from generation.prompts import DEFAULT_DATE_STRING, build_samples, render_prompts  # noqa: E402
 from length_probe import ALL_LAYERS, MANIFEST_FILE  # noqa: E402
 
@@ -174,12 +174,6 @@ def disk_write_bytes_per_second(directory: Path, size: int, chunk: int = 64 * 10
 # ---------------------------------------------------------------- runs
 
 
-def extractor_batches(samples: list, batch_size: int) -> list[list]:
-    """Batch the samples as the extractor does: sorted by count, then word, in even batches."""
-    ordered = sorted(samples, key=lambda sample: (sample.count, sample.word))
-    return [ordered[batch] for batch in batch_slices(len(ordered), batch_size)]
-
-
 def forward_passes(batches: list[list]) -> int:
     """Count the decoding passes: a batch whose longest completion has n tokens takes n passes."""
     return sum(max(completion_lengths([sample.count for sample in batch], EXTRA_TOKENS)) for batch in batches)
@@ -226,7 +220,7 @@ def run(args) -> dict:
     )
     samples = build_samples(config.words, config.min_count, config.max_count)
     prompts = render_prompts(tokenizer, samples, DEFAULT_DATE_STRING)
-    batches = extractor_batches(samples, config.batch_size)
+    batches = plan_batches(samples, config.batch_size)
     # The benchmark's model is a Llama, whose cache the extractor can share.
     prompt_tokens, shared_passes = prompt_work(tokenizer, batches, config.share_prompt_prefix)
     factory = forced_length_factory([end_id], EXTRA_TOKENS, vocab_limit=len(tokenizer))

@@ -114,7 +114,7 @@ def run_extraction(config: ExtractionConfig, *, model=None, tokenizer=None, logi
     records = read_part_records(output_dir)
     done = {sample["sample_id"] for record in records for sample in record["samples"]}
     mine = [sample for index, sample in enumerate(samples) if index % group.world_size == group.rank]
-    pending = sorted((s for s in mine if s.sample_id not in done), key=lambda s: (s.count, s.word))
+    pending = [sample for sample in mine if sample.sample_id not in done]
     if done:
         logger.info("Resuming: %d of %d samples already done", len(done), len(samples))
     sequence = 1 + max(
@@ -126,8 +126,7 @@ def run_extraction(config: ExtractionConfig, *, model=None, tokenizer=None, logi
     written_bytes = 0
     # Closing the bar before an error propagates ends its line, so the error message starts a line of its own.
     with progress:
-        for batch_slice in batch_slices(len(pending), config.batch_size):
-            batch = pending[batch_slice]
+        for batch in plan_batches(pending, config.batch_size):
             prompts = render_prompts(tokenizer, batch, config.date_string)
             capture = capture_batch(
                 model,
@@ -155,6 +154,16 @@ def run_extraction(config: ExtractionConfig, *, model=None, tokenizer=None, logi
     summary = _finalize(output_dir, run, samples, time.perf_counter() - started, written_bytes)
     _log_summary(output_dir, summary)
     return summary
+
+
+def plan_batches(samples: list[Sample], batch_size: int) -> list[list[Sample]]:
+    """Sort samples by count, then word, and cut them into even batches.
+
+    Samples of one count write completions of about the same length, so a batch wastes few passes on
+    rows that have already ended.
+    """
+    ordered = sorted(samples, key=lambda sample: (sample.count, sample.word))
+    return [ordered[part] for part in batch_slices(len(ordered), batch_size)]
 
 
 def batch_slices(count: int, batch_size: int) -> list[slice]:

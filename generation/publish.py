@@ -134,7 +134,7 @@ def add_push_parser(subparsers) -> None:
 
 def run_push(args) -> int:
     """Check the arguments and push. The command line prints a PublishError or DatasetIntegrityError as one line."""
-    # The arguments first, then the token, then every shard's sha256, which takes seconds for gigabytes.
+    # Arguments are checked first, then the token, then every shard's sha256, which takes seconds for gigabytes.
     request = check_request(args)
     token = resolve_token(args.token)
     check_shards(request.data_dir, request.config_names)
